@@ -1,0 +1,1 @@
+"""Detection: detector base class, registries, NPR / UCF / generalist / CAMO, gates, training, arena."""

@@ -1,0 +1,1 @@
+"""Detector implementations; importing this package registers every built-in detector."""

@@ -1,0 +1,1 @@
+"""Content gates that route an image to the expert detectors of CAMO."""

@@ -1,0 +1,38 @@
+"""Wire protocol of subnet 34, compatible with the reference `ImageSynapse`."""
+
+import typing
+
+import bittensor as bt
+import pydantic
+
+from bitmind import __version__, spec_version
+
+__all__ = ["ImageSynapse", "NO_ANSWER", "__version__", "spec_version"]
+
+# A miner that cannot answer leaves the prediction at this value.
+NO_ANSWER = -1.0
+
+
+class ImageSynapse(bt.Synapse):
+    """A validator's challenge: one base64-encoded image; the miner fills in `prediction`.
+
+    `prediction` is the probability that the image is AI-generated (> 0.5 means generated);
+    it stays at -1 when the miner gives no answer.
+    """
+
+    image: str = pydantic.Field(
+        default="",
+        title="image",
+        description="Base64-encoded JPEG or PNG image.",
+    )
+    prediction: float = pydantic.Field(
+        default=NO_ANSWER,
+        title="prediction",
+        description="Probability in [0, 1] that the image is AI-generated; -1 means no answer.",
+    )
+
+    # Every request field is covered by the body hash the signature protects.
+    required_hash_fields: typing.ClassVar[tuple[str, ...]] = ("image",)
+
+    def deserialize(self) -> float:
+        return self.prediction

@@ -1,0 +1,1 @@
+"""Processes: miner, validator, generator and the local subnet; wiring only."""

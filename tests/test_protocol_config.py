@@ -1,0 +1,82 @@
+"""Protocol compatibility with subnet 34 and the command-line trap of bittensor 10.5."""
+
+import bittensor as bt
+import pytest
+
+import bitmind
+from bitmind import protocol
+from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser
+
+
+def test_spec_version_follows_the_subnet_formula():
+    major, minor, patch = (int(x) for x in bitmind.__version__.split("."))
+    assert protocol.spec_version == 1000 * major + 10 * minor + patch
+    assert protocol.__version__ == bitmind.__version__
+
+
+def test_image_synapse_defaults_and_hash_fields():
+    synapse = protocol.ImageSynapse(image="aGVsbG8=")
+    assert synapse.prediction == -1.0 == protocol.NO_ANSWER
+    assert synapse.deserialize() == -1.0
+    assert set(synapse.required_hash_fields) == {"image"}
+
+
+def test_body_hash_covers_the_image():
+    first = protocol.ImageSynapse(image="aGVsbG8=")
+    second = protocol.ImageSynapse(image="d29ybGQ=")
+    assert first.body_hash != second.body_hash
+    assert first.body_hash == protocol.ImageSynapse(image="aGVsbG8=").body_hash
+
+
+def test_prediction_rejects_non_numbers():
+    with pytest.raises(Exception):
+        protocol.ImageSynapse(image="", prediction="fake")
+
+
+def _parser():
+    parser = new_parser("test", axon=True)
+    add_chain_args(parser)
+    add_neuron_args(parser, "miner")
+    return parser
+
+
+def test_command_line_flags_reach_the_config():
+    config = build_config(
+        _parser(),
+        [
+            "--netuid", "7",
+            "--chain", "local",
+            "--chain.path", "/tmp/chain.sqlite",
+            "--wallet.name", "alice",
+            "--wallet.hotkey", "h1",
+            "--axon.port", "9123",
+            "--neuron.device", "cpu",
+            "--subtensor.network", "test",
+        ],
+    )
+    assert config.netuid == 7
+    assert config.chain.backend == "local" and config.chain.path == "/tmp/chain.sqlite"
+    assert config.wallet.name == "alice" and config.wallet.hotkey == "h1"
+    assert config.axon.port == 9123
+    assert config.neuron.device == "cpu"
+    assert config.subtensor.network == "test"
+    # bittensor objects accept the nested config
+    assert bt.Wallet(config=config).name == "alice"
+
+
+def test_defaults_without_arguments_do_not_read_sys_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog", "--netuid", "99"])
+    config = build_config(_parser(), [])
+    assert config.netuid == 34 and config.chain.backend == "bittensor"
+
+
+def test_mistyped_flag_is_an_error_not_silently_ignored(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_config(_parser(), ["--neuron.devise", "cpu"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_invalid_choice_is_rejected():
+    with pytest.raises(SystemExit):
+        build_config(_parser(), ["--chain", "mainnet"])

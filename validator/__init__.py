@@ -1,0 +1,1 @@
+"""Challenges, scoring and weights: everything a validator judges miners with."""
