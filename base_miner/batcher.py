@@ -1,0 +1,160 @@
+"""Micro-batching between the miner's event loop and the detector.
+
+Requests are collected for up to `max_wait_ms` (or until `batch_size` are waiting), decoded and predicted in ONE
+forward pass on a dedicated worker thread, so the Axon's event loop keeps accepting requests while the model works.
+A payload that fails to decode, or an image the detector chokes on, fails alone: the rest of its batch is answered.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from base_miner.detectors.base import Prediction
+from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_image
+
+__all__ = ["BatchResult", "MicroBatcher", "QueueFull"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the miner can answer in time; the caller is shed at once."""
+
+
+@dataclass
+class BatchResult:
+    """What one request gets back: a prediction, or the reason there is none."""
+
+    prediction: Prediction | None
+    error: str = ""
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Pending:
+    payload: str
+    future: asyncio.Future
+    enqueued: float
+
+
+class MicroBatcher:
+    """Turns concurrent `submit(payload)` calls into batched `predict_fn(images)` calls on one worker thread."""
+
+    def __init__(
+        self,
+        predict_fn: Callable[[list[Image.Image]], list[Prediction]],
+        batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        max_age_s: float = 8.0,
+        limits: DecodeLimits = DecodeLimits(),
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_wait_ms < 0 or max_queue < 1 or max_age_s <= 0:
+            raise ValueError("max_wait_ms must be >= 0, max_queue >= 1 and max_age_s > 0")
+        self.predict_fn = predict_fn
+        self.batch_size = batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.max_age_s = max_age_s
+        self.limits = limits
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
+
+    async def submit(self, payload: str) -> BatchResult:
+        """Queue one base64 image and wait for its answer."""
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._queue.qsize()} requests already waiting")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(payload, future, time.perf_counter()))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.batch_size:
+                remaining = deadline - loop.time()
+                try:
+                    batch.append(
+                        self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+                    )
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+            live = [item for item in batch if not item.future.done()]
+            try:
+                results = await loop.run_in_executor(self._executor, self._process, live)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                log.exception("batch of %d failed", len(live))
+                results = [BatchResult(None, f"internal error: {exc}") for _ in live]
+            for item, result in zip(live, results):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    def _process(self, batch: list[_Pending]) -> list[BatchResult]:
+        """Runs on the worker thread: decode, drop stale requests, predict, isolate failures."""
+        started = time.perf_counter()
+        results: list[BatchResult] = [BatchResult(None) for _ in batch]
+        images: list[Image.Image] = []
+        slots: list[int] = []
+        for index, item in enumerate(batch):
+            results[index].queue_ms = (started - item.enqueued) * 1000.0
+            if started - item.enqueued > self.max_age_s:
+                results[index].error = f"dropped after waiting {started - item.enqueued:.1f}s"
+                continue
+            try:
+                images.append(decode_image(item.payload, self.limits))
+                slots.append(index)
+            except ImageDecodeError as exc:
+                results[index].error = f"bad image: {exc}"
+        for index, prediction in zip(slots, self._predict_isolated(images)):
+            if isinstance(prediction, Prediction):
+                results[index].prediction = prediction
+            else:
+                results[index].error = prediction
+        compute_ms = (time.perf_counter() - started) * 1000.0
+        for result in results:
+            result.compute_ms = compute_ms
+            result.batch_size = len(batch)
+        return results
+
+    def _predict_isolated(self, images: list[Image.Image]) -> list[Prediction | str]:
+        """One forward pass; if it fails, retry image by image so only the culprit fails."""
+        if not images:
+            return []
+        try:
+            return self._checked(self.predict_fn(images), len(images))
+        except Exception as exc:  # noqa: BLE001
+            if len(images) == 1:
+                log.warning("detector failed on an image: %s", exc)
+                return [f"detector error: {exc}"]
+        return [outcome for image in images for outcome in self._predict_isolated([image])]
+
+    @staticmethod
+    def _checked(predictions: list[Prediction], expected: int) -> list[Prediction]:
+        if len(predictions) != expected:
+            raise RuntimeError(f"detector returned {len(predictions)} predictions for {expected} images")
+        return predictions
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=False, cancel_futures=True)

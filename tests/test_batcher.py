@@ -1,0 +1,142 @@
+"""The miner's micro-batcher: batching really happens, and one bad request never spoils its batch."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from base_miner.batcher import MicroBatcher, QueueFull
+from base_miner.detectors.base import Prediction
+from bitmind.image_codec import encode_image
+
+
+def _payload(value: int) -> str:
+    return encode_image(Image.new("RGB", (32, 32), (value, value, value)), size=None, fmt="PNG")
+
+
+class RecordingDetector:
+    """Answers the mean brightness; raises on pure red images; records every batch it sees."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.thread_names: set[str] = set()
+
+    def __call__(self, images):
+        self.batches.append(len(images))
+        self.thread_names.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        out = []
+        for image in images:
+            pixels = np.asarray(image, dtype=np.float64)
+            if pixels[..., 0].mean() > 250 and pixels[..., 1].mean() < 5:
+                raise RuntimeError("red images crash this detector")
+            out.append(Prediction(probability=pixels.mean() / 255.0, route="test"))
+        return out
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order():
+    detector = RecordingDetector(delay=0.02)
+
+    async def main():
+        batcher = MicroBatcher(detector, batch_size=8, max_wait_ms=20)
+        results = await asyncio.gather(*(batcher.submit(_payload(v)) for v in range(0, 240, 10)))
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert [round(r.prediction.probability * 255) for r in results] == list(range(0, 240, 10))
+    assert sum(detector.batches) == 24
+    assert max(detector.batches) == 8 and len(detector.batches) < 24
+    assert all(name.startswith("detector") for name in detector.thread_names)
+
+
+def test_batch_size_one_is_valid():
+    detector = RecordingDetector()
+
+    async def main():
+        batcher = MicroBatcher(detector, batch_size=1, max_wait_ms=0)
+        results = await asyncio.gather(*(batcher.submit(_payload(v)) for v in (10, 20, 30)))
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert detector.batches == [1, 1, 1]
+    assert all(r.prediction is not None for r in results)
+
+
+def test_hostile_payload_fails_alone():
+    detector = RecordingDetector()
+
+    async def main():
+        batcher = MicroBatcher(detector, batch_size=8, max_wait_ms=30)
+        payloads = [_payload(50), "%%% not base64 %%%", _payload(100), ""]
+        results = await asyncio.gather(*(batcher.submit(p) for p in payloads))
+        await batcher.close()
+        return results
+
+    good, garbage, good2, empty = _run(main())
+    assert good.prediction is not None and good2.prediction is not None
+    assert garbage.prediction is None and "bad image" in garbage.error
+    assert empty.prediction is None and "empty" in empty.error
+    assert detector.batches == [2]
+
+
+def test_detector_exception_on_one_image_spares_the_rest():
+    detector = RecordingDetector()
+    red = encode_image(Image.new("RGB", (32, 32), (255, 0, 0)), size=None, fmt="PNG")
+
+    async def main():
+        batcher = MicroBatcher(detector, batch_size=4, max_wait_ms=30)
+        results = await asyncio.gather(*(batcher.submit(p) for p in (_payload(10), red, _payload(20))))
+        await batcher.close()
+        return results
+
+    first, crashed, third = _run(main())
+    assert crashed.prediction is None and "detector error" in crashed.error
+    assert first.prediction.probability == pytest.approx(10 / 255)
+    assert third.prediction.probability == pytest.approx(20 / 255)
+
+
+def test_full_queue_sheds_load_immediately():
+    detector = RecordingDetector(delay=0.2)
+
+    async def main():
+        batcher = MicroBatcher(detector, batch_size=1, max_wait_ms=0, max_queue=2)
+        tasks = [asyncio.create_task(batcher.submit(_payload(v))) for v in range(6)]
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    outcomes = _run(main())
+    shed = [o for o in outcomes if isinstance(o, QueueFull)]
+    answered = [o for o in outcomes if not isinstance(o, Exception)]
+    assert shed and answered and len(shed) + len(answered) == 6
+
+
+def test_stale_requests_are_dropped_not_computed():
+    detector = RecordingDetector(delay=0.3)
+
+    async def main():
+        batcher = MicroBatcher(detector, batch_size=1, max_wait_ms=0, max_age_s=0.1)
+        results = await asyncio.gather(*(batcher.submit(_payload(v)) for v in range(3)))
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert results[0].prediction is not None
+    assert any("dropped" in r.error for r in results[1:])
+    assert sum(detector.batches) < 3
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0}, {"max_age_s": 0}])
+def test_invalid_settings_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        MicroBatcher(RecordingDetector(), **kwargs)
