@@ -1,0 +1,55 @@
+"""Shared test helpers: password-less wallets in a temp folder, an offline external-IP lookup, a free port.
+
+Usage in a test module::
+
+    from tests._wallets import free_port, make_wallet, offline_ip, wallet_factory  # noqa: F401 (fixtures)
+
+    def test_x(wallet_factory, offline_ip):
+        miner = wallet_factory("miner")
+        validator = wallet_factory("validator")
+
+`wallet_factory` and `offline_ip` are pytest fixtures; `make_wallet` and `free_port` are plain functions.
+"""
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("READ_ONLY", "1")
+
+import bittensor as bt  # noqa: E402
+import pytest  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+def make_wallet(root: Path | str, name: str) -> bt.Wallet:
+    """A password-less wallet under `root` whose keys derive from `name` (same name, same keys; fast, no mnemonic)."""
+    wallet = bt.Wallet(name=name, hotkey="default", path=str(root))
+    wallet.create_coldkey_from_uri(f"//{name}-coldkey", use_password=False, overwrite=True, suppress=True)
+    wallet.create_hotkey_from_uri(f"//{name}-hotkey", use_password=False, overwrite=True, suppress=True)
+    return wallet
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (on every interface, as uvicorn binds 0.0.0.0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def wallet_factory(tmp_path: Path) -> Callable[[str], bt.Wallet]:
+    """`wallet_factory(name)` -> a password-less bt.Wallet in this test's temp folder."""
+    root = tmp_path / "wallets"
+    return lambda name: make_wallet(root, name)
+
+
+@pytest.fixture
+def offline_ip(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make bittensor's public-IP lookup answer 127.0.0.1 instead of asking the internet."""
+    import bittensor.utils.networking as networking
+
+    monkeypatch.setattr(networking, "get_external_ip", lambda: LOOPBACK)
+    return LOOPBACK

@@ -1,0 +1,359 @@
+"""bitmind.transport against real axons and dendrites on 127.0.0.1, with hostile callers and hostile miners."""
+
+import asyncio
+import logging
+import math
+import socket
+import threading
+import time
+
+import aiohttp
+import bittensor as bt
+import pytest
+from aiohttp import web
+
+from bitmind import transport
+from bitmind.protocol import ImageSynapse
+from bitmind.transport import MinerServer, Response, ValidatorClient
+from tests._wallets import LOOPBACK, free_port, offline_ip, wallet_factory  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.timeout(60)
+
+IMAGE = "aW1hZ2U="  # the transport never decodes images
+PREDICTION = 0.75
+SLOW_SECONDS = 1.0
+
+
+class RecordingForward:
+    """A miner forward that records the images it saw; "boom" raises, "slow" sleeps."""
+
+    def __init__(self) -> None:
+        self.images: list[str] = []
+        self.callers: list[str | None] = []
+
+    async def __call__(self, synapse: ImageSynapse) -> ImageSynapse:
+        self.images.append(synapse.image)
+        self.callers.append(synapse.dendrite.hotkey)
+        if synapse.image == "boom":
+            raise ValueError("detector exploded")
+        if synapse.image == "slow":
+            await asyncio.sleep(SLOW_SECONDS)
+        synapse.prediction = PREDICTION
+        return synapse
+
+
+class Records(logging.Handler):
+    """Collects log records of one logger at ERROR and above."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def errors():
+    """ERROR records of bittensor's logger and of ours, as two lists."""
+    handlers = {name: Records() for name in ("bittensor", "bitmind.transport")}
+    for name, handler in handlers.items():
+        logging.getLogger(name).addHandler(handler)
+    yield {name: handler.records for name, handler in handlers.items()}
+    for name, handler in handlers.items():
+        logging.getLogger(name).removeHandler(handler)
+
+
+@pytest.fixture
+def wallets(wallet_factory, offline_ip):  # noqa: F811 (pytest fixtures)
+    return {name: wallet_factory(name) for name in ("miner", "validator", "stranger")}
+
+
+@pytest.fixture
+def serve(wallets):
+    """`serve(forward, **kwargs)` starts a MinerServer on a free port that only admits the validator hotkey."""
+    servers: list[MinerServer] = []
+    allowed = wallets["validator"].hotkey.ss58_address
+
+    def start(forward, **kwargs) -> MinerServer:
+        kwargs.setdefault("blacklist", lambda hotkey: (hotkey != allowed, "not registered"))
+        server = MinerServer(wallets["miner"], free_port(), forward, external_ip=LOOPBACK, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def client(wallets):
+    validator = ValidatorClient(wallets["validator"], external_ip=LOOPBACK)
+    yield validator
+    validator.close()
+
+
+def signed(wallet: bt.Wallet, axon: bt.AxonInfo, image: str) -> ImageSynapse:
+    """A synapse signed the way the Dendrite signs it, for crafting requests by hand."""
+    dendrite = bt.Dendrite(wallet=wallet)
+    return dendrite.preprocess_synapse_for_request(axon, ImageSynapse(image=image), timeout=5.0)
+
+
+def post(port: int, headers: dict, body) -> int:
+    """POST to the miner outside the Dendrite; `body` is a dict (JSON) or bytes chunks (chunked upload)."""
+
+    async def send() -> int:
+        async with aiohttp.ClientSession() as session:
+            kwargs = {"json": body} if isinstance(body, dict) else {"data": _chunks(body)}
+            async with session.post(f"http://{LOOPBACK}:{port}/ImageSynapse", headers=headers, **kwargs) as answer:
+                return answer.status
+
+    return asyncio.run(send())
+
+
+async def _chunks(parts: list[bytes]):
+    for part in parts:
+        yield part
+
+
+def test_registered_caller_gets_prediction(serve, client):
+    forward = RecordingForward()
+    server = serve(forward)
+    [answer] = client.query_sync([server.info()], IMAGE, timeout=5.0)
+    assert answer.status == 200 and answer.ok
+    assert answer.prediction == PREDICTION
+    assert 0 < answer.latency < 5.0
+    assert forward.images == [IMAGE]
+    assert forward.callers == [client.hotkey]
+
+
+def test_forward_sees_the_verified_caller_not_the_body_claim(serve, wallets):
+    forward = RecordingForward()
+    server = serve(forward)
+    request = signed(wallets["validator"], server.info(), IMAGE)
+    body = request.model_dump()
+    body["dendrite"]["hotkey"] = wallets["stranger"].hotkey.ss58_address  # not covered by the signature
+    assert post(server.port, request.to_headers(), body) == 200
+    assert forward.callers == [wallets["validator"].hotkey.ss58_address]
+
+
+def test_unregistered_caller_refused_quietly(serve, wallets, errors):
+    forward = RecordingForward()
+    server = serve(forward)
+    stranger = ValidatorClient(wallets["stranger"], external_ip=LOOPBACK)
+    try:
+        [answer] = stranger.query_sync([server.info()], IMAGE, timeout=5.0)
+    finally:
+        stranger.close()
+    assert (answer.status, answer.prediction) == (403, None)
+    assert "not registered" in answer.message
+    assert forward.images == []
+    assert errors == {"bittensor": [], "bitmind.transport": []}
+
+
+def test_failing_blacklist_answers_500_and_server_keeps_serving(serve, client, wallets, errors):
+    def blacklist(hotkey):
+        if hotkey == wallets["stranger"].hotkey.ss58_address:
+            raise KeyError(hotkey)
+        return False, ""
+
+    server = serve(RecordingForward(), blacklist=blacklist)
+    stranger = ValidatorClient(wallets["stranger"], external_ip=LOOPBACK)
+    try:
+        assert stranger.query_sync([server.info()], IMAGE, timeout=5.0)[0].status == 500
+    finally:
+        stranger.close()
+    assert client.query_sync([server.info()], IMAGE, timeout=5.0)[0].status == 200
+    assert len(errors["bitmind.transport"]) == 1
+
+
+def test_signature_of_another_hotkey_refused(serve, wallets):
+    forward = RecordingForward()
+    server = serve(forward)
+    # Signed by the stranger, claiming the registered validator's hotkey.
+    forged = signed(wallets["stranger"], server.info(), IMAGE)
+    forged.dendrite.hotkey = wallets["validator"].hotkey.ss58_address
+    assert post(server.port, forged.to_headers(), forged.model_dump()) == 401
+    assert forward.images == []
+
+
+def test_replayed_request_refused(serve, wallets):
+    forward = RecordingForward()
+    server = serve(forward)
+    request = signed(wallets["validator"], server.info(), IMAGE)
+    headers, body = request.to_headers(), request.model_dump()
+    assert post(server.port, headers, body) == 200
+    assert post(server.port, headers, body) == 401
+    assert forward.images == [IMAGE]
+
+
+def test_body_changed_after_signing_not_answered(serve, wallets):
+    forward = RecordingForward()
+    server = serve(forward)
+    request = signed(wallets["validator"], server.info(), IMAGE)
+    body = request.model_dump() | {"image": "c3dhcHBlZA=="}
+    assert post(server.port, request.to_headers(), body) != 200
+    assert forward.images == []
+
+
+def test_forward_error_answers_500_and_server_keeps_serving(serve, client, errors):
+    forward = RecordingForward()
+    server = serve(forward)
+    [failed] = client.query_sync([server.info()], "boom", timeout=5.0)
+    assert (failed.status, failed.prediction) == (500, None)
+    assert "ValueError" in failed.message and "exploded" not in failed.message  # no internals to the caller
+    [answer] = client.query_sync([server.info()], IMAGE, timeout=5.0)
+    assert (answer.status, answer.prediction) == (200, PREDICTION)
+    [line] = errors["bitmind.transport"]
+    assert "detector exploded" in line.getMessage()
+    assert errors["bittensor"] == []
+
+
+def test_forward_returning_garbage_answers_500(serve, client):
+    async def forward(synapse: ImageSynapse):
+        return {"prediction": 0.5}
+
+    server = serve(forward)
+    [answer] = client.query_sync([server.info()], IMAGE, timeout=5.0)
+    assert (answer.status, answer.prediction) == (500, None)
+
+
+def test_oversized_body_refused_before_reading(serve, client):
+    forward = RecordingForward()
+    server = serve(forward, max_request_bytes=20_000)
+    [refused] = client.query_sync([server.info()], "A" * 50_000, timeout=5.0)
+    assert (refused.status, refused.prediction) == (413, None)
+    [answer] = client.query_sync([server.info()], IMAGE, timeout=5.0)
+    assert answer.status == 200
+    assert forward.images == [IMAGE]
+
+
+def test_body_without_content_length_refused(serve, wallets):
+    forward = RecordingForward()
+    server = serve(forward, max_request_bytes=20_000)
+    request = signed(wallets["validator"], server.info(), IMAGE)
+    chunks = [b'{"image": "', b"A" * 30_000, b'"}']  # chunked upload: no Content-Length to check
+    assert post(server.port, request.to_headers(), chunks) == 411
+    assert forward.images == []
+
+
+def test_slow_forward_times_out(serve, client):
+    server = serve(RecordingForward())
+    [answer] = client.query_sync([server.info()], "slow", timeout=0.3)
+    assert (answer.status, answer.prediction, answer.latency) == (408, None, 0.3)
+
+
+def test_nobody_listening_gives_503(client, wallets):
+    nobody = bt.AxonInfo(
+        version=1,
+        ip=LOOPBACK,
+        port=free_port(),
+        ip_type=4,
+        hotkey=wallets["miner"].hotkey.ss58_address,
+        coldkey=wallets["miner"].coldkeypub.ss58_address,
+    )
+    [answer] = client.query_sync([nobody], IMAGE, timeout=5.0)
+    assert (answer.status, answer.prediction) == (503, None)
+
+
+def test_fan_out_keeps_axon_order(serve, client, wallets):
+    first, second = serve(RecordingForward()), serve(RecordingForward())
+    dead = bt.AxonInfo(version=1, ip=LOOPBACK, port=free_port(), ip_type=4, hotkey="x", coldkey="x")
+    answers = client.query_sync([first.info(), dead, second.info()], [IMAGE, IMAGE, "boom"], timeout=5.0)
+    assert [answer.status for answer in answers] == [200, 503, 500]
+    with pytest.raises(ValueError, match="2 images for 3 axons"):
+        client.query_sync([first.info(), dead, second.info()], [IMAGE, IMAGE], timeout=5.0)
+
+
+def test_concurrent_queries_all_answered(serve, client):
+    forward = RecordingForward()
+    server = serve(forward)
+    answers = client.query_sync([server.info()] * 20, [f"{IMAGE}{i}" for i in range(20)], timeout=10.0)
+    assert [answer.status for answer in answers] == [200] * 20
+    assert sorted(forward.images) == sorted(f"{IMAGE}{i}" for i in range(20))
+    assert client._dendrite.synapse_history == []  # bittensor would keep every call forever
+
+
+def test_start_on_taken_port_raises(wallets):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = MinerServer(wallets["miner"], port, RecordingForward(), external_ip=LOOPBACK)
+        with pytest.raises(RuntimeError, match=f"cannot serve on 127.0.0.1:{port}"):
+            server.start()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's sys.exit
+def test_start_detects_uvicorn_bind_failure_and_frees_its_thread(wallets, monkeypatch):
+    # The port is taken between our check and uvicorn's bind: uvicorn fails silently, start() must notice.
+    monkeypatch.setattr(transport, "_ensure_port_free", lambda ip, port: None)
+    threads_before = threading.active_count()
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = MinerServer(wallets["miner"], port, RecordingForward(), external_ip=LOOPBACK, start_timeout=1.0)
+        with pytest.raises(RuntimeError, match="did not answer"):
+            server.start()
+    deadline = time.monotonic() + 5.0
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= threads_before
+
+
+def test_stop_releases_port(serve, client):
+    server = serve(RecordingForward())
+    server.stop()
+    assert client.query_sync([server.info()], IMAGE, timeout=5.0)[0].status == 503
+
+
+# A miner that answers whatever it likes, chosen by the image it is sent.
+OK = '"axon": {"status_code": 200}'
+HOSTILE_ANSWERS = {
+    "nan": (200, "application/json", '{"prediction": NaN, %s}' % OK),
+    "huge": (200, "application/json", '{"prediction": 1e308, %s}' % OK),
+    "text-number": (200, "application/json", '{"prediction": "0.9", %s}' % OK),
+    "no-status": (200, "application/json", '{"prediction": 0.5}'),
+    "list": (200, "application/json", '{"prediction": [1, 2], %s}' % OK),
+    "null-dendrite": (200, "application/json", '{"prediction": 0.5, "dendrite": null, %s}' % OK),
+    "not-json": (200, "text/plain", "hello"),
+    "error": (500, "application/json", '{"message": "nope"}'),
+}
+
+
+def test_hostile_miner_answers_become_statuses(wallets):
+    async def answer(request: web.Request) -> web.Response:
+        status, content_type, text = HOSTILE_ANSWERS[(await request.json())["image"]]
+        return web.Response(status=status, content_type=content_type, text=text)
+
+    async def scenario() -> list[Response]:
+        app = web.Application()
+        app.router.add_post("/ImageSynapse", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, LOOPBACK, port).start()
+        miner = wallets["miner"]
+        axon = bt.AxonInfo(
+            version=1,
+            ip=LOOPBACK,
+            port=port,
+            ip_type=4,
+            hotkey=miner.hotkey.ss58_address,
+            coldkey=miner.coldkeypub.ss58_address,
+        )
+        client = ValidatorClient(wallets["validator"], external_ip=LOOPBACK)
+        try:
+            return await client.query([axon] * len(HOSTILE_ANSWERS), list(HOSTILE_ANSWERS), timeout=5.0)
+        finally:
+            await client.aclose()
+            await runner.cleanup()
+
+    answers = dict(zip(HOSTILE_ANSWERS, asyncio.run(scenario())))
+    assert answers["nan"].status == 200 and math.isnan(answers["nan"].prediction)
+    assert (answers["huge"].status, answers["huge"].prediction) == (200, 1e308)
+    assert (answers["text-number"].status, answers["text-number"].prediction) == (200, 0.9)
+    for name in ("no-status", "list", "null-dendrite", "not-json"):
+        assert (answers[name].status, answers[name].prediction) == (422, None), name
+    assert (answers["error"].status, answers["error"].prediction) == (500, None)

@@ -1,0 +1,132 @@
+"""Per-challenge reward of one miner's answer: the subnet's judge, exact and never raising on miner input.
+
+The rule (reference subnet 34, made explicit):
+
+    reward = (0.5 * max(0, MCC over the last `history_mcc` valid predictions)
+              + 0.5 * accuracy over the last `history_acc` valid predictions) * penalty
+
+Decisions, each tested in tests/test_reward.py:
+- A valid answer is an int or a float (numpy numbers included) that is finite and in [0, 1]. Anything else is
+  invalid and takes penalty 0: NaN, +-inf, out-of-range numbers, bools, None, strings (even numeric ones such as
+  "0.7": a miner that answers with text broke the protocol), lists, dicts, ...
+- A non-answer is a prediction of exactly -1 (the protocol's "no answer"), or a transport status other than 200
+  (timeouts, refusals, blacklists, handler errors). It scores 0.
+- Only valid answers join the history. Non-answers and invalid answers score 0 and leave it untouched, so a
+  protocol breach costs that step's reward but never poisons the miner's MCC/accuracy windows.
+- The current valid answer joins the history BEFORE the windows are read (as the reference does), so one answer
+  always counts in its own reward.
+- Predictions are thresholded at 0.5: strictly greater than 0.5 means "AI-generated" (label 1); 0.5 itself is "real".
+- MCC is 0 when the window holds a single class of true labels or of thresholded predictions: the denominator of
+  the MCC is then 0. scikit-learn returns 0 in that case too (with a warning); we short-circuit to say it openly.
+"""
+
+import enum
+import math
+import numbers
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+__all__ = [
+    "DEFAULT_HISTORY_ACC",
+    "DEFAULT_HISTORY_MCC",
+    "THRESHOLD",
+    "AnswerKind",
+    "Reward",
+    "classify_answer",
+    "compute_reward",
+    "window_metrics",
+]
+
+DEFAULT_HISTORY_MCC = 100
+DEFAULT_HISTORY_ACC = 10
+THRESHOLD = 0.5
+OK_STATUS = 200
+NO_ANSWER_VALUE = -1
+
+# One entry of a miner's history: (true label 0/1, the miner's probability in [0, 1]).
+Entry = tuple[int, float]
+
+
+class AnswerKind(str, enum.Enum):
+    VALID = "valid"
+    NO_ANSWER = "no_answer"  # -1, timeout, non-200 status: scored 0, history untouched
+    INVALID = "invalid"  # protocol breach (penalty 0): scored 0, history untouched
+
+
+@dataclass(frozen=True)
+class Reward:
+    """One miner's reward for one challenge, with the window figures it was computed from (0 when not valid)."""
+
+    value: float
+    kind: AnswerKind
+    mcc: float = 0.0
+    accuracy: float = 0.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def classify_answer(prediction: object, status: object = OK_STATUS) -> tuple[AnswerKind, float | None]:
+    """Sort a miner's answer into valid / no answer / invalid; the float is returned only when valid."""
+    if not (_is_number(status) and status == OK_STATUS):
+        return AnswerKind.NO_ANSWER, None
+    if not _is_number(prediction):
+        return AnswerKind.INVALID, None
+    try:
+        value = float(prediction)  # type: ignore[arg-type]
+    except (OverflowError, TypeError, ValueError):  # e.g. an int too large for a float
+        return AnswerKind.INVALID, None
+    if value == NO_ANSWER_VALUE:
+        return AnswerKind.NO_ANSWER, None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        return AnswerKind.INVALID, None
+    return AnswerKind.VALID, value
+
+
+def _mcc(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """MCC, 0 when either side holds one class only (zero denominator)."""
+    if len(np.unique(labels)) < 2 or len(np.unique(predicted)) < 2:
+        return 0.0
+    return float(matthews_corrcoef(labels, predicted))
+
+
+def window_metrics(history: Sequence[Entry], window: int | None = None) -> tuple[float, float]:
+    """(MCC, accuracy) over the last `window` entries of `history` (all of it when None); (0, 0) when empty."""
+    entries = list(history)
+    if window is not None:
+        entries = entries[-window:]
+    if not entries:
+        return 0.0, 0.0
+    labels = np.array([label for label, _ in entries], dtype=np.int64)
+    predicted = (np.array([p for _, p in entries], dtype=np.float64) > THRESHOLD).astype(np.int64)
+    return _mcc(labels, predicted), float(accuracy_score(labels, predicted))
+
+
+def compute_reward(
+    label: int,
+    prediction: object,
+    history: deque[Entry],
+    status: object = OK_STATUS,
+    history_mcc: int = DEFAULT_HISTORY_MCC,
+    history_acc: int = DEFAULT_HISTORY_ACC,
+) -> Reward:
+    """Score one answer to a challenge whose true label is `label` (0 real, 1 AI-generated).
+
+    A valid answer is appended to `history` (the caller's rolling deque) first, then the reward is read from the
+    windows. `label` comes from the validator itself, so a bad one is a bug and raises ValueError; nothing a miner
+    sends can make this raise.
+    """
+    if isinstance(label, bool) or label not in (0, 1):
+        raise ValueError(f"challenge label must be 0 (real) or 1 (AI-generated), got {label!r}")
+    kind, value = classify_answer(prediction, status)
+    if value is None:
+        return Reward(0.0, kind)
+    history.append((int(label), value))
+    mcc, _ = window_metrics(history, history_mcc)
+    _, accuracy = window_metrics(history, history_acc)
+    return Reward(0.5 * max(0.0, mcc) + 0.5 * accuracy, kind, mcc, accuracy)
