@@ -1,11 +1,15 @@
 """The chain as the rest of the node sees it: one small interface, two implementations."""
 
 import abc
+import ipaddress
+import math
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import bittensor as bt
 
-__all__ = ["Chain", "ChainError", "MetagraphView"]
+__all__ = ["Chain", "ChainError", "MetagraphView", "check_endpoint", "check_weights", "coldkey_of", "hotkey_of"]
 
 
 class ChainError(RuntimeError):
@@ -69,3 +73,65 @@ class Chain(abc.ABC):
 
     def close(self) -> None:
         """Release connections; the default has none."""
+
+    def __enter__(self) -> "Chain":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def hotkey_of(wallet: "bt.Wallet") -> str:
+    """The wallet's hotkey ss58 address; a wallet whose hotkey cannot be read is a ChainError."""
+    try:
+        return str(wallet.hotkey.ss58_address)
+    except Exception as error:  # keyfile missing, locked, malformed
+        raise ChainError(f"cannot read the wallet's hotkey: {type(error).__name__}: {error}") from error
+
+
+def coldkey_of(wallet: "bt.Wallet") -> str:
+    """The wallet's public coldkey ss58 address (no password needed)."""
+    try:
+        return str(wallet.coldkeypub.ss58_address)
+    except Exception as error:
+        raise ChainError(f"cannot read the wallet's coldkeypub: {type(error).__name__}: {error}") from error
+
+
+def check_endpoint(ip: str, port: int) -> int:
+    """Validate an axon address before it goes on chain; returns the IP version (4 or 6)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except (TypeError, ValueError) as error:
+        raise ChainError(f"serve_axon: invalid ip {ip!r}") from error
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ChainError(f"serve_axon: port must be an int in 1..65535, got {port!r}")
+    return address.version
+
+
+def check_weights(uids: Sequence[int], weights: Sequence[float]) -> str | None:
+    """Why (uids, weights) cannot be set as weights, or None when they can. Shared by both chains."""
+    try:
+        uid_list, weight_list = list(uids), [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        return f"uids and weights must be sequences of numbers: {error}"
+    if len(uid_list) != len(weight_list):
+        return f"uids and weights differ in length ({len(uid_list)} != {len(weight_list)})"
+    if not uid_list:
+        return "no weights given"
+    try:
+        if any(isinstance(u, bool) for u in uid_list):
+            raise TypeError
+        uid_ints = [operator.index(u) for u in uid_list]
+    except TypeError:
+        return "uids must be integers"
+    if min(uid_ints) < 0:
+        return "uids must be non-negative"
+    if len(set(uid_ints)) != len(uid_ints):
+        return "duplicate uids"
+    if any(not math.isfinite(w) for w in weight_list):
+        return "weights must be finite (NaN or inf given)"
+    if any(w < 0 for w in weight_list):
+        return "weights must be non-negative"
+    if sum(weight_list) <= 0:
+        return "weights sum to zero"
+    return None
