@@ -67,6 +67,7 @@ setup(
             "bitmind-detect=base_miner.detect_cli:main",
             "bitmind-train=base_miner.training.cli:main",
             "bitmind-arena=base_miner.arena.cli:main",
+            "bitmind-autoupdate=bitmind.autoupdate:main",
         ]
     },
 )
