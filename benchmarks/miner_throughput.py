@@ -1,0 +1,218 @@
+"""Miner throughput on 127.0.0.1: served latency and images/s under C concurrent validator-like queries.
+
+Prints, for one detector config:
+  1. the detector's own in-process ms/image at batch 1, 8 and 32 (256² images, decoded already);
+  2. our miner (`neurons.miner`, async forward + micro-batching off the event loop) under C = 1, 8, 32, 50;
+  3. a stand-in with the reference subnet's habits (synchronous handler, one image at a time ON the event loop)
+     measured the same way in the same run.
+Both servers run as separate processes; the load generator is this process (one Dendrite, like a validator).
+
+    python benchmarks/miner_throughput.py --detector camo --queries 200
+"""
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("READ_ONLY", "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+def challenge_images(count: int, seed: int = 0) -> list[Image.Image]:
+    """256² photos-like test images (scikit-image samples, randomly cropped), as validators send."""
+    from skimage import data
+
+    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        array = sources[index % len(sources)]
+        h, w = array.shape[:2]
+        side = int(rng.integers(min(h, w) // 2, min(h, w)))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        images.append(Image.fromarray(array[top : top + side, left : left + side]).resize((256, 256)))
+    return images
+
+
+def in_process(detector_config: str, images: list[Image.Image], repeats: int) -> dict[int, float]:
+    """ms per image of `predict` at batch 1, 8, 32."""
+    from base_miner.registry import build_detector
+
+    detector = build_detector(detector_config, device="cpu")
+    detector.predict(images[:2])
+    out = {}
+    for batch in (1, 8, 32):
+        work = (images * (batch * repeats // len(images) + 1))[: batch * repeats]
+        started = time.perf_counter()
+        for offset in range(0, len(work), batch):
+            detector.predict(work[offset : offset + batch])
+        out[batch] = (time.perf_counter() - started) * 1000 / len(work)
+    return out
+
+
+def serve_reference(args: argparse.Namespace) -> None:
+    """The reference subnet's habit: decode and predict synchronously inside the handler, one image at a time."""
+    import bittensor as bt
+
+    from base_miner.registry import build_detector
+    from bitmind.image_codec import decode_image
+    from bitmind.protocol import ImageSynapse
+    from bitmind.transport import MinerServer
+
+    detector = build_detector(args.detector, device="cpu")
+    detector.predict(challenge_images(1))
+
+    async def forward(synapse: ImageSynapse) -> ImageSynapse:
+        synapse.prediction = detector.predict([decode_image(synapse.image)])[0]
+        return synapse
+
+    wallet = bt.Wallet(name="reference", hotkey="default", path=args.wallets)
+    server = MinerServer(wallet, args.port, forward, blacklist=lambda hotkey: (False, ""), external_ip=LOOPBACK)
+    server.start()
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        server.stop()
+
+
+async def load(client, axon, payloads: list[str], concurrency: int, timeout: float) -> tuple[list[float], float, int]:
+    """Keep `concurrency` queries in flight until every payload is answered; latencies, wall seconds, failures."""
+    semaphore = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    failures = 0
+
+    async def one(payload: str) -> None:
+        nonlocal failures
+        async with semaphore:
+            started = time.perf_counter()
+            [response] = await client.query([axon], [payload], timeout)
+            latencies.append(time.perf_counter() - started)
+            if response.status != 200 or not isinstance(response.prediction, float) or response.prediction < 0:
+                failures += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in payloads))
+    return latencies, time.perf_counter() - started, failures
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with code {process.returncode}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"server on port {port} did not answer within {timeout:.0f}s")
+
+
+async def measure_server(label: str, process: subprocess.Popen, port: int, validator, hotkey: str, coldkey: str,
+                         payloads: list[str], levels: list[int], timeout: float) -> list[tuple]:
+    import bittensor as bt
+
+    from bitmind.transport import ValidatorClient
+
+    wait_for_port(port, process)
+    client = ValidatorClient(validator, external_ip=LOOPBACK)
+    axon = bt.AxonInfo(version=0, ip=LOOPBACK, port=port, ip_type=4, hotkey=hotkey, coldkey=coldkey)
+    rows = []
+    for concurrency in levels:
+        await load(client, axon, payloads[: max(concurrency, 8)], concurrency, timeout)  # warm-up
+        latencies, wall, failures = await load(client, axon, payloads, concurrency, timeout)
+        ordered = sorted(latencies)
+        rows.append((label, concurrency, statistics.median(ordered) * 1000,
+                     ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
+                     len(payloads) / wall, failures))
+    await client.aclose()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", default="camo", help="Detector config name or YAML path.")
+    parser.add_argument("--queries", type=int, default=200, help="Queries per concurrency level.")
+    parser.add_argument("--concurrency", default="1,8,32,50", help="Comma-separated concurrency levels.")
+    parser.add_argument("--timeout", type=float, default=9.0, help="Per-query timeout (validators use 9 s).")
+    parser.add_argument("--batch-size", type=int, default=0, help="--miner.batch_size for our miner (0 = auto).")
+    parser.add_argument("--repeats", type=int, default=6, help="Batches per size for the in-process figures.")
+    parser.add_argument("--skip-reference", action="store_true", help="Do not measure the reference stand-in.")
+    parser.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--wallets", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_reference:
+        serve_reference(args)
+        return 0
+
+    from bitmind.chain.local import LocalChain
+    from bitmind.image_codec import encode_image
+    from tests._wallets import free_port, make_wallet
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    images = challenge_images(64)
+    payloads = [encode_image(images[i % len(images)]) for i in range(args.queries)]
+    print(f"detector={args.detector} queries/level={args.queries} cores={os.cpu_count()}")
+    figures = in_process(args.detector, images, args.repeats)
+    best = max(1000.0 / ms for ms in figures.values())
+    print("in-process predict: " + "  ".join(f"batch {b}: {ms:.1f} ms/img" for b, ms in figures.items()))
+
+    work = Path(tempfile.mkdtemp(prefix="miner-bench-"))
+    chain = LocalChain(work / "chain.sqlite")
+    miner, validator, reference = (make_wallet(work / "wallets", n) for n in ("miner", "validator", "reference"))
+    for wallet, stake in ((miner, 0.0), (validator, 1000.0)):
+        chain.register_hotkey(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address, stake=stake)
+    rows = []
+    port = free_port()
+    ours = subprocess.Popen(
+        [sys.executable, "-m", "neurons.miner", "--chain", "local", "--chain.path", str(work / "chain.sqlite"),
+         "--wallet.path", str(work / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
+         "--axon.ip", LOOPBACK, "--axon.port", str(port), "--axon.external_ip", LOOPBACK,
+         "--neuron.detector", args.detector, "--neuron.device", "cpu", "--neuron.state_dir", str(work / "state"),
+         "--miner.batch_size", str(args.batch_size), "--neuron.watchdog_timeout", "0"],
+        stdout=open(work / "miner.log", "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        rows += asyncio.run(measure_server("ours", ours, port, validator, miner.hotkey.ss58_address,
+                                           miner.coldkeypub.ss58_address, payloads, levels, args.timeout))
+    finally:
+        ours.terminate()
+        ours.wait(timeout=30)
+    if not args.skip_reference:
+        port = free_port()
+        ref = subprocess.Popen(
+            [sys.executable, __file__, "--serve-reference", "--detector", args.detector, "--port", str(port),
+             "--wallets", str(work / "wallets")],
+            stdout=open(work / "reference.log", "w"), stderr=subprocess.STDOUT,
+        )
+        try:
+            rows += asyncio.run(measure_server("reference-style", ref, port, validator, reference.hotkey.ss58_address,
+                                               reference.coldkeypub.ss58_address, payloads, levels, args.timeout))
+        finally:
+            ref.terminate()
+            ref.wait(timeout=30)
+    print(f"\n| server | C | p50 ms | p99 ms | images/s | failed | vs best in-process ({best:.1f} img/s) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, concurrency, p50, p99, rate, failed in rows:
+        print(f"| {label} | {concurrency} | {p50:.0f} | {p99:.0f} | {rate:.1f} | {failed} | {rate / best:.0%} |")
+    print(f"\nlogs: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    raise SystemExit(main())
