@@ -1,0 +1,21 @@
+"""Challenge sources: real images (datasets + local cache) and synthetic ones (the generator's cache).
+
+Each source's `sample(rng)` yields `(RGB image, label, metadata)` or None when it has nothing cached;
+`ChallengeSampler` picks a source, samples and augments.
+"""
+
+from validator.challenges.cache import ImageCache
+from validator.challenges.real import DEFAULT_REAL_DATASETS, DatasetSpec, RealImageSource, packaged_real_sample
+from validator.challenges.sampler import Challenge, ChallengeSampler
+from validator.challenges.synthetic import SyntheticImageSource
+
+__all__ = [
+    "DEFAULT_REAL_DATASETS",
+    "Challenge",
+    "ChallengeSampler",
+    "DatasetSpec",
+    "ImageCache",
+    "RealImageSource",
+    "SyntheticImageSource",
+    "packaged_real_sample",
+]

@@ -1,0 +1,296 @@
+"""On-disk image cache shared between processes: one writer (generator or real-data filler), many readers.
+
+Layout: every item is an image file `<stem>.png|.jpg` plus a JSON sidecar `<stem>.json`. Stems start with the
+creation time in nanoseconds, so name order is age order. Writes are atomic (a hidden temp file in the same
+folder, then `os.replace`), image first and sidecar last: an item exists iff its sidecar exists, and a reader
+never sees half an item. Eviction removes the sidecar first for the same reason. Readers skip, warn about and
+remove broken items (unreadable sidecar, missing or undecodable image) instead of failing.
+"""
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bitmind.image_codec import to_rgb
+
+__all__ = ["CacheItem", "ImageCache"]
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".json"
+TEMP_PREFIX = ".tmp-"
+FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "jpg": ("JPEG", ".jpg")}
+# Temp files and sidecar-less images younger than this may belong to a writer that is mid-`put`.
+ORPHAN_GRACE_S = 600.0
+SWEEP_INTERVAL_S = 60.0
+SAMPLE_ATTEMPTS = 8
+# The key `sample` adds to the metadata it returns: which item was read (handy in challenge logs).
+ITEM_KEY = "cache_item"
+
+
+@dataclass(frozen=True)
+class CacheItem:
+    """One complete item: its stem (age-ordered id), image and sidecar paths, and size on disk."""
+
+    stem: str
+    image_path: Path | None  # None for a broken item whose image is gone
+    sidecar_path: Path
+    nbytes: int
+
+
+def _json_default(value: Any) -> Any:
+    """Let callers put numpy scalars/arrays and paths in metadata; reject anything else clearly."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _write_atomic(folder: Path, final: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ImageCache:
+    """A size-capped folder of images with JSON metadata, safe for one writer and concurrent readers.
+
+    `max_bytes` / `max_items` cap what `put` leaves behind (oldest items are evicted first); readers never
+    evict, so a reader may open the cache with the default caps.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int = 2 * 1024**3, max_items: int | None = None) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be at least 1 (or None), got {max_items}")
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.max_items = max_items
+        self._last_sweep = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"ImageCache({str(self.root)!r}, max_bytes={self.max_bytes}, max_items={self.max_items})"
+
+    # ------------------------------------------------------------------ listing
+    def _stems(self) -> list[str]:
+        """Stems of complete items (those with a sidecar), oldest first."""
+        try:
+            with os.scandir(self.root) as entries:
+                stems = [
+                    entry.name[: -len(SIDECAR_SUFFIX)]
+                    for entry in entries
+                    if entry.name.endswith(SIDECAR_SUFFIX) and not entry.name.startswith(".")
+                ]
+        except FileNotFoundError:
+            return []
+        stems.sort()
+        return stems
+
+    def __len__(self) -> int:
+        return len(self._stems())
+
+    def items(self) -> list[CacheItem]:
+        """Complete items, oldest first, with their size on disk (image + sidecar)."""
+        sizes: dict[str, int] = {}
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    sizes[entry.name] = entry.stat().st_size
+                except FileNotFoundError:  # removed by another process while listing
+                    continue
+        items = []
+        for name in sorted(sizes):
+            if not name.endswith(SIDECAR_SUFFIX):
+                continue
+            stem = name[: -len(SIDECAR_SUFFIX)]
+            image_name = next((stem + ext for _, ext in FORMATS.values() if stem + ext in sizes), None)
+            nbytes = sizes[name] + (sizes[image_name] if image_name else 0)
+            image_path = self.root / image_name if image_name else None
+            items.append(CacheItem(stem, image_path, self.root / name, nbytes))
+        return items
+
+    def total_bytes(self) -> int:
+        return sum(item.nbytes for item in self.items())
+
+    def is_full(self) -> bool:
+        """True when one more item of average size would push the cache over a cap (and so evict)."""
+        items = self.items()
+        if not items:
+            return False
+        if self.max_items is not None and len(items) >= self.max_items:
+            return True
+        total = sum(item.nbytes for item in items)
+        return total + total / len(items) > self.max_bytes
+
+    # ------------------------------------------------------------------ writing
+    def put(self, image: Image.Image, metadata: dict[str, Any], fmt: str = "png", quality: int = 95) -> Path:
+        """Store `image` (converted to RGB) with `metadata`; returns the image path. Evicts oldest items after.
+
+        Raises ValueError for an unknown format, non-JSON-serialisable metadata or an item larger than the cap.
+        """
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        try:
+            pil_format, ext = FORMATS[fmt.lower()]
+        except KeyError:
+            raise ValueError(f"unknown image format {fmt!r}; use one of {sorted(FORMATS)}") from None
+        image = to_rgb(image)
+        stem = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+        sidecar = {
+            "image": stem + ext,
+            "created": time.time(),
+            "width": image.width,
+            "height": image.height,
+            "metadata": metadata,
+        }
+        try:
+            sidecar_bytes = json.dumps(sidecar, default=_json_default).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata cannot be stored as JSON: {exc}") from exc
+        buffer = _encode(image, pil_format, quality)
+        if len(buffer) + len(sidecar_bytes) > self.max_bytes:
+            raise ValueError(
+                f"item of {len(buffer) + len(sidecar_bytes)} bytes is larger than the cache cap of {self.max_bytes}"
+            )
+        image_path = self.root / (stem + ext)
+        _write_atomic(self.root, image_path, buffer)
+        try:
+            _write_atomic(self.root, self.root / (stem + SIDECAR_SUFFIX), sidecar_bytes)
+        except BaseException:
+            image_path.unlink(missing_ok=True)
+            raise
+        self.evict()
+        return image_path
+
+    def _remove(self, stem: str, image_name: str | None = None) -> None:
+        """Remove an item: sidecar first (the item vanishes atomically for readers), then its image."""
+        (self.root / (stem + SIDECAR_SUFFIX)).unlink(missing_ok=True)
+        names = [image_name] if image_name else [stem + ext for _, ext in FORMATS.values()]
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
+
+    def evict(self) -> int:
+        """Remove oldest items until under both caps, and stale temp / orphan files; returns items removed."""
+        items = self.items()
+        total = sum(item.nbytes for item in items)
+        removed = 0
+        while items and (total > self.max_bytes or (self.max_items is not None and len(items) > self.max_items)):
+            oldest = items.pop(0)
+            self._remove(oldest.stem, oldest.image_path.name if oldest.image_path else None)
+            total -= oldest.nbytes
+            removed += 1
+        if removed:
+            log.debug("cache %s: evicted %d oldest items, %d left (%d bytes)", self.root, removed, len(items), total)
+        if time.monotonic() - self._last_sweep > SWEEP_INTERVAL_S:
+            self._last_sweep = time.monotonic()
+            self._remove_stale(keep={item.image_path.name for item in items if item.image_path})
+        return removed
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        """Temp files and sidecar-less images left by crashed writers, once older than the grace period."""
+        cutoff = time.time() - ORPHAN_GRACE_S
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                name = entry.name
+                stale_candidate = name.startswith(TEMP_PREFIX) or (
+                    name not in keep and any(name.endswith(ext) for _, ext in FORMATS.values())
+                )
+                if not stale_candidate:
+                    continue
+                try:
+                    if entry.stat().st_mtime < cutoff and not (self.root / (Path(name).stem + SIDECAR_SUFFIX)).exists():
+                        Path(entry.path).unlink(missing_ok=True)
+                except FileNotFoundError:
+                    continue
+
+    # ------------------------------------------------------------------ reading
+    def sample(self, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any]] | None:
+        """A uniformly chosen item as (RGB image, metadata), or None when the cache holds no readable item.
+
+        The metadata is the dict given to `put`, plus `cache_item` (the item's stem).
+        """
+        stems = self._stems()
+        for _ in range(SAMPLE_ATTEMPTS):
+            if not stems:
+                return None
+            index = int(rng.integers(len(stems)))
+            stem = stems.pop(index)
+            loaded = self._load(stem)
+            if loaded is not None:
+                return loaded
+        log.warning("cache %s: no readable item after %d attempts", self.root, SAMPLE_ATTEMPTS)
+        return None
+
+    def _load(self, stem: str) -> tuple[Image.Image, dict[str, Any]] | None:
+        sidecar_path = self.root / (stem + SIDECAR_SUFFIX)
+        try:
+            raw = sidecar_path.read_bytes()
+        except FileNotFoundError:  # evicted since listing: not an error
+            return None
+        try:
+            sidecar = json.loads(raw)
+            image_name = sidecar["image"]
+            metadata = sidecar["metadata"]
+            if not isinstance(image_name, str) or Path(image_name).name != image_name or not isinstance(metadata, dict):
+                raise ValueError("bad 'image' or 'metadata' field")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._discard(stem, None, f"corrupt sidecar ({exc})")
+            return None
+        image_path = self.root / image_name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(image_path) as opened:
+                    opened.load()
+                    image = to_rgb(opened)
+                    if image is opened:
+                        image = opened.copy()
+        except FileNotFoundError:
+            if sidecar_path.exists():  # sidecar without image: broken; otherwise evicted meanwhile
+                self._discard(stem, image_name, "image file missing")
+            return None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            self._discard(stem, image_name, f"unreadable image ({exc})")
+            return None
+        return image, {**metadata, ITEM_KEY: stem}
+
+    def _discard(self, stem: str, image_name: str | None, reason: str) -> None:
+        log.warning("cache %s: removing broken item %s: %s", self.root, stem, reason)
+        try:
+            self._remove(stem, image_name)
+        except OSError as exc:  # e.g. a read-only mount: skip it, never fail the caller
+            log.warning("cache %s: could not remove %s: %s", self.root, stem, exc)
+
+
+def _encode(image: Image.Image, pil_format: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if pil_format == "JPEG":
+        image.save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format=pil_format)
+    return buffer.getvalue()
