@@ -34,6 +34,7 @@ INSTALL_REQUIRES = [
     "prometheus-client>=0.20",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "psutil>=5.9",
     # 4-bit loading of the prompt LLM on GPU validators; its wheels exist for x86-64 Linux only.
     "bitsandbytes>=0.45; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]

@@ -1,7 +1,7 @@
 """Synthetic (AI-generated) challenge images: read from the cache the generator process writes.
 
 The generator (`neurons/generator.py`) calls `ImageCache(cache_dir, max_bytes=...).put(image, metadata)` with
-metadata such as `{"prompt", "model", "args", "seed", "source_image", ...}`; this side only reads. An empty cache
+metadata such as `{"prompt", "model", "call_args", "seed", "source", ...}`; this side only reads. An empty cache
 gives None: the validator then issues a real challenge instead of waiting for generation.
 """
 

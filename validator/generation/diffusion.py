@@ -1,0 +1,476 @@
+"""Text-to-image models: the default list with per-model arguments, and a pool that keeps them loaded.
+
+Loading a diffusion model takes tens of seconds, so a model is loaded ONCE and kept while it fits in a memory
+budget; when a new one does not fit, the least recently used ones are dropped. A model that fails to load is
+skipped from then on and the others keep generating.
+
+A model list is a comma-separated string of built-in names, hub ids (owner/name) and local pipeline folders, or a
+YAML file with a list of entries (a string like the above, or a mapping of `ModelSpec` fields; a mapping whose
+`name` is a built-in one and which gives no `path` overrides fields of that built-in entry), for example:
+
+    - sdxl-base
+    - name: flux-dev
+      vram_gb: 40
+    - name: my-model
+      path: /models/my-sd15
+      pipeline: StableDiffusionPipeline
+      call_kwargs: {num_inference_steps: {min: 20, max: 40}, guidance_scale: 7.5}
+      resolution: 512
+"""
+
+import gc
+import itertools
+import logging
+import random
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "DiffusionModelPool",
+    "GeneratedImage",
+    "ModelConfigError",
+    "ModelLoadError",
+    "ModelSpec",
+    "NoModelAvailable",
+    "RandomRange",
+    "UnsafeImageError",
+    "auto_budget_gb",
+    "parse_model_list",
+]
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+_DTYPES = ("float16", "bfloat16", "float32")
+# Arguments the pool sets itself; a model entry may not override them.
+_RESERVED_CALL_KWARGS = frozenset({"prompt", "generator", "height", "width", "output_type", "return_dict"})
+
+
+class ModelConfigError(ValueError):
+    """A model list or model entry that cannot be used (unknown name, missing folder, bad field)."""
+
+
+class ModelLoadError(RuntimeError):
+    """`from_pretrained` failed; the pool skips this model from now on."""
+
+
+class NoModelAvailable(RuntimeError):
+    """Every configured model failed to load."""
+
+
+class UnsafeImageError(RuntimeError):
+    """The pipeline's own safety checker flagged the image (it comes back black); it is not cached."""
+
+
+class RandomRange(BaseModel):
+    """A call argument drawn per image: an int in [min, max] when both bounds are ints, else a float."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min: int | float
+    max: int | float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RandomRange":
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+    def draw(self, rng: random.Random) -> int | float:
+        if isinstance(self.min, int) and isinstance(self.max, int):
+            return rng.randint(self.min, self.max)
+        return round(rng.uniform(self.min, self.max), 3)
+
+
+class ModelSpec(BaseModel):
+    """One text-to-image model: where it lives, how to load it and how to call it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[\w.\-]+$", description="Short name used in logs and image metadata.")
+    path: str = Field(min_length=1, description="Hub id (owner/name) or local folder saved with save_pretrained.")
+    pipeline: str = Field(
+        "AutoPipelineForText2Image",
+        pattern=r"^(AutoPipeline\w*|\w+Pipeline)$",
+        description="diffusers class whose from_pretrained loads the model.",
+    )
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="from_pretrained arguments; `dtype` is used on GPU only (CPU always loads float32).",
+    )
+    call_kwargs: dict[str, RandomRange | Any] = Field(
+        default_factory=dict, description="Pipeline call arguments; {min, max} mappings are drawn per image."
+    )
+    resolution: int | tuple[int, int] | None = Field(None, description="Side, or (height, width), of the output.")
+    scheduler: str | None = Field(None, pattern=r"^\w+Scheduler$", description="diffusers scheduler class to use.")
+    vram_gb: float | None = Field(None, gt=0, description="Approximate memory needed, weights plus activations.")
+
+    @field_validator("load_kwargs")
+    @classmethod
+    def _known_dtype(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("dtype", "torch_dtype"):
+            if key in value and value[key] not in _DTYPES:
+                raise ValueError(f"{key} must be one of {_DTYPES}, got {value[key]!r}")
+        return value
+
+    @field_validator("call_kwargs", mode="before")
+    @classmethod
+    def _ranges(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        reserved = _RESERVED_CALL_KWARGS.intersection(value)
+        if reserved:
+            raise ValueError(f"call_kwargs may not set {sorted(reserved)} (use `resolution` for the size)")
+        return {
+            key: RandomRange(**item) if isinstance(item, dict) and set(item) == {"min", "max"} else item
+            for key, item in value.items()
+        }
+
+    @field_validator("resolution")
+    @classmethod
+    def _valid_resolution(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        sides = () if value is None else (value,) if isinstance(value, int) else value
+        for side in sides:
+            if side < 8 or side > 4096 or side % 8:
+                raise ValueError(f"resolution sides must be multiples of 8 in [8, 4096], got {value}")
+        return value
+
+    def draw_call_args(
+        self, rng: random.Random, resolution: int | None = None, steps: int | None = None
+    ) -> dict[str, Any]:
+        """The concrete call arguments for one image: ranges drawn; `resolution` / `steps` override the entry's."""
+        args = {k: v.draw(rng) if isinstance(v, RandomRange) else v for k, v in self.call_kwargs.items()}
+        if steps is not None:
+            args["num_inference_steps"] = steps
+        size = resolution or self.resolution
+        if size is not None:
+            args["height"], args["width"] = (size, size) if isinstance(size, int) else size
+        return args
+
+
+_SDXL_FP16 = {"dtype": "float16", "variant": "fp16", "use_safetensors": True}
+
+DEFAULT_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="sdxl-base",
+        path="stabilityai/stable-diffusion-xl-base-1.0",
+        pipeline="StableDiffusionXLPipeline",
+        load_kwargs=_SDXL_FP16,
+        call_kwargs={"num_inference_steps": {"min": 30, "max": 50}, "guidance_scale": {"min": 5.0, "max": 8.0}},
+        resolution=1024,
+        vram_gb=10,
+    ),
+    ModelSpec(
+        name="realvisxl-v4",
+        path="SG161222/RealVisXL_V4.0",
+        pipeline="StableDiffusionXLPipeline",
+        load_kwargs=_SDXL_FP16,
+        call_kwargs={"num_inference_steps": {"min": 25, "max": 40}, "guidance_scale": {"min": 4.0, "max": 7.0}},
+        resolution=1024,
+        vram_gb=10,
+    ),
+    ModelSpec(
+        # The model card recommends CFG 3.5-7, CLIP skip 3 and a KDPM2 ancestral sampler.
+        name="mobius",
+        path="Corcelio/mobius",
+        pipeline="StableDiffusionXLPipeline",
+        load_kwargs={"dtype": "float16", "use_safetensors": True},
+        call_kwargs={"num_inference_steps": 50, "guidance_scale": {"min": 3.5, "max": 7.0}, "clip_skip": 3},
+        scheduler="KDPM2AncestralDiscreteScheduler",
+        resolution=1024,
+        vram_gb=10,
+    ),
+    ModelSpec(
+        # Gated on the hub: accept the licence and set HF_TOKEN before using it.
+        name="flux-dev",
+        path="black-forest-labs/FLUX.1-dev",
+        pipeline="FluxPipeline",
+        load_kwargs={"dtype": "bfloat16"},
+        call_kwargs={"num_inference_steps": {"min": 50, "max": 125}, "guidance_scale": 2.0, "max_sequence_length": 512},
+        resolution=1024,
+        vram_gb=36,
+    ),
+    ModelSpec(
+        name="openjourney-v4",
+        path="prompthero/openjourney-v4",
+        pipeline="StableDiffusionPipeline",
+        load_kwargs={"dtype": "float16", "use_safetensors": True},
+        call_kwargs={"num_inference_steps": {"min": 30, "max": 50}, "guidance_scale": {"min": 6.0, "max": 9.0}},
+        resolution=512,
+        vram_gb=4,
+    ),
+    ModelSpec(
+        name="animagine-xl-3.1",
+        path="cagliostrolab/animagine-xl-3.1",
+        pipeline="StableDiffusionXLPipeline",
+        load_kwargs={"dtype": "float16", "use_safetensors": True},
+        call_kwargs={"num_inference_steps": 28, "guidance_scale": 7.0},
+        resolution=1024,
+        vram_gb=10,
+    ),
+)
+_DEFAULT_BY_NAME = {spec.name: spec for spec in DEFAULT_MODELS}
+_DEFAULT_BY_PATH = {spec.path: spec for spec in DEFAULT_MODELS}
+
+
+def _spec_for_token(token: str) -> ModelSpec:
+    """A built-in name, a built-in's hub id (keeps its tuned arguments), a local pipeline folder or a hub id."""
+    if token in _DEFAULT_BY_NAME:
+        return _DEFAULT_BY_NAME[token]
+    if token in _DEFAULT_BY_PATH:
+        return _DEFAULT_BY_PATH[token]
+    folder = Path(token).expanduser()
+    if folder.exists():
+        if not (folder / "model_index.json").is_file():
+            raise ModelConfigError(f"model {token!r}: the folder has no model_index.json (not a diffusers pipeline)")
+        return ModelSpec(name=_safe_name(folder.name), path=str(folder.resolve()))
+    if token.startswith(("/", ".", "~")):
+        raise ModelConfigError(f"model {token!r}: no such local folder")
+    if not _HUB_ID.fullmatch(token):
+        raise ModelConfigError(
+            f"model {token!r} is not a built-in name ({', '.join(_DEFAULT_BY_NAME)}), "
+            "an existing local pipeline folder, or a hub id (owner/name)"
+        )
+    return ModelSpec(name=_safe_name(token.split("/")[-1]), path=token)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^\w.\-]", "_", text) or "model"
+
+
+def _spec_for_entry(entry: Any, where: str) -> ModelSpec:
+    if isinstance(entry, str):
+        return _spec_for_token(entry.strip())
+    if not isinstance(entry, dict):
+        raise ModelConfigError(f"{where}: expected a string or a mapping, got {type(entry).__name__}")
+    name = entry.get("name")
+    base = _DEFAULT_BY_NAME.get(name) if isinstance(name, str) and "path" not in entry else None
+    fields = {**base.model_dump(exclude_none=True), **entry} if base else entry
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as err:
+        raise ModelConfigError(f"{where}: {err}") from err
+
+
+def parse_model_list(value: str | Path) -> list[ModelSpec]:
+    """Model specs from a comma list (names, hub ids, folders), a YAML file path, or `default`."""
+    text = str(value).strip()
+    if text in ("", "default"):
+        return list(DEFAULT_MODELS)
+    if text.endswith((".yaml", ".yml")):
+        path = Path(text).expanduser()
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ModelConfigError(f"cannot read model list {path}: {err}") from err
+        entries = data.get("models") if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            raise ModelConfigError(f"{path}: expected a list of models (or a mapping with a `models` list)")
+        specs = [_spec_for_entry(entry, f"{path} entry {i}") for i, entry in enumerate(entries)]
+    else:
+        specs = [_spec_for_token(token.strip()) for token in text.split(",") if token.strip()]
+    if not specs:
+        raise ModelConfigError(f"model list {text!r} names no model")
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ModelConfigError(f"model names must be unique; repeated: {duplicates} (give entries a `name`)")
+    return specs
+
+
+def auto_budget_gb(device: "torch.device", cpu_offload: bool = False) -> float:  # noqa: F821
+    """95 % of free GPU memory, or 80 % of available host memory when models live on the CPU."""
+    import torch
+
+    if device.type == "cuda" and not cpu_offload:
+        free, _total = torch.cuda.mem_get_info(device)
+        return free / 1e9 * 0.95
+    import psutil
+
+    return psutil.virtual_memory().available / 1e9 * 0.8
+
+
+def _weights_gb(pipe: Any) -> float:
+    import torch
+
+    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e9
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One generated image with everything needed to reproduce it."""
+
+    image: Image.Image
+    model: ModelSpec
+    call_args: dict[str, Any]
+    seed: int
+    load_s: float
+    generate_s: float
+
+
+@dataclass
+class _Loaded:
+    pipe: Any
+    gb: float
+
+
+class DiffusionModelPool:
+    """Keeps pipelines loaded while they fit in `budget_gb`, dropping the least recently used ones first."""
+
+    def __init__(
+        self,
+        specs: list[ModelSpec],
+        device: str = "cpu",
+        budget_gb: float | None = None,
+        cpu_offload: bool = False,
+    ) -> None:
+        import diffusers
+        import torch
+
+        if not specs:
+            raise ModelConfigError("no models configured")
+        for spec in specs:
+            for attr in (spec.pipeline, spec.scheduler):
+                if attr is not None and not hasattr(diffusers, attr):
+                    raise ModelConfigError(f"model {spec.name}: diffusers has no class {attr}")
+        self.specs = {spec.name: spec for spec in specs}
+        self.device = torch.device(device)
+        self.cpu_offload = cpu_offload and self.device.type == "cuda"
+        if cpu_offload and not self.cpu_offload:
+            log.info("cpu offload only applies to CUDA devices; ignored on %s", self.device)
+        self.budget_gb = budget_gb if budget_gb and budget_gb > 0 else auto_budget_gb(self.device, self.cpu_offload)
+        self.failed: dict[str, str] = {}
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        log.info(
+            "diffusion pool: %d models (%s) on %s, budget %.1f GB%s",
+            len(specs), ", ".join(self.specs), self.device, self.budget_gb, ", cpu offload" if self.cpu_offload else "",
+        )
+
+    def available(self) -> list[str]:
+        """Models that have not failed to load."""
+        return [name for name in self.specs if name not in self.failed]
+
+    def loaded(self) -> list[str]:
+        """Loaded models, least recently used first."""
+        return list(self._loaded)
+
+    def used_gb(self) -> float:
+        return sum(entry.gb for entry in self._loaded.values())
+
+    def get(self, name: str) -> Any:
+        """The loaded pipeline for `name`, loading it (and evicting LRU models) when needed."""
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return self._loaded[name].pipe
+        if name not in self.specs:
+            raise ModelConfigError(f"unknown model {name!r}; configured: {', '.join(self.specs)}")
+        if name in self.failed:
+            raise ModelLoadError(f"model {name} failed to load earlier: {self.failed[name]}")
+        spec = self.specs[name]
+        self._evict_for(spec.vram_gb or 0.0)
+        start = time.perf_counter()
+        try:
+            pipe = self._load_making_room(spec)
+        except Exception as err:  # noqa: BLE001 - any loading failure disables this model only
+            self.failed[name] = f"{type(err).__name__}: {err}"
+            log.warning("model %s failed to load from %s (%s); skipping it from now on",
+                        name, spec.path, self.failed[name])
+            raise ModelLoadError(f"model {name} failed to load: {self.failed[name]}") from err
+        gb = max(spec.vram_gb or 0.0, _weights_gb(pipe))
+        self._loaded[name] = _Loaded(pipe, gb)
+        if gb > self.budget_gb:
+            log.warning("model %s needs ~%.1f GB, more than the %.1f GB budget; keeping it alone",
+                        name, gb, self.budget_gb)
+        self._evict_for(0.0, keep=name)
+        log.info(
+            "loaded model %s from %s in %.1f s (~%.2f GB; loaded: %s; %.2f/%.1f GB)",
+            name, spec.path, time.perf_counter() - start, gb, ", ".join(self._loaded), self.used_gb(), self.budget_gb,
+        )
+        return pipe
+
+    def generate(
+        self, name: str, prompt: str, rng: random.Random, resolution: int | None = None, steps: int | None = None
+    ) -> GeneratedImage:
+        """Generate one image with model `name`; the seed and drawn arguments come back for the metadata."""
+        import torch
+
+        start = time.perf_counter()
+        pipe = self.get(name)
+        load_s = time.perf_counter() - start
+        spec = self.specs[name]
+        call_args = spec.draw_call_args(rng, resolution, steps)
+        seed = rng.randrange(2**32)
+        start = time.perf_counter()
+        try:
+            output = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **call_args)
+        except torch.cuda.OutOfMemoryError:
+            self._evict_all(keep=name, why="after running out of memory")
+            raise
+        flagged = getattr(output, "nsfw_content_detected", None)
+        if flagged and any(flagged):
+            raise UnsafeImageError(f"model {name}: the safety checker flagged the image")
+        return GeneratedImage(output.images[0], spec, call_args, seed, load_s, time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Drop every loaded model."""
+        self._evict_all(keep=None, why="on close")
+
+    def _load_making_room(self, spec: ModelSpec) -> Any:
+        """`_load`, retried once with every other model dropped when the GPU runs out of memory."""
+        import torch
+
+        try:
+            return self._load(spec)
+        except torch.cuda.OutOfMemoryError:
+            if not self._loaded:
+                raise
+            self._evict_all(keep=None, why=f"to make room for {spec.name} after running out of memory")
+            return self._load(spec)
+
+    def _load(self, spec: ModelSpec) -> Any:
+        import diffusers
+        import torch
+
+        kwargs = dict(spec.load_kwargs)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or "float16"
+        kwargs["dtype"] = torch.float32 if self.device.type == "cpu" else getattr(torch, dtype)
+        pipe = getattr(diffusers, spec.pipeline).from_pretrained(spec.path, **kwargs)
+        if spec.scheduler:
+            pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+        if self.cpu_offload:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _evict_for(self, extra_gb: float, keep: str | None = None) -> None:
+        while self.used_gb() + extra_gb > self.budget_gb:
+            victim = next((name for name in self._loaded if name != keep), None)
+            if victim is None:
+                return
+            self._drop(victim, "to stay within the memory budget")
+
+    def _evict_all(self, keep: str | None, why: str) -> None:
+        for name in [n for n in self._loaded if n != keep]:
+            self._drop(name, why)
+
+    def _drop(self, name: str, why: str) -> None:
+        import torch
+
+        self._loaded.pop(name)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("evicted model %s %s (loaded: %s; %.2f/%.1f GB)", name, why, ", ".join(self._loaded) or "none",
+                 self.used_gb(), self.budget_gb)

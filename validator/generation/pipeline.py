@@ -1,0 +1,192 @@
+"""One synthetic challenge image: real image → caption → rewrite → moderate → generate → cache.
+
+Each cached image carries a JSON sidecar with everything needed to audit or reproduce it: the prompt, the original
+caption, the model and its drawn call arguments, the seed, the real image it was modelled on, and timings.
+"""
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+import bitmind
+from validator.challenges.cache import ImageCache
+from validator.generation.captioner import Captioner
+from validator.generation.diffusion import DiffusionModelPool, GeneratedImage, ModelLoadError, NoModelAvailable
+from validator.generation.moderation import moderate_prompt
+from validator.generation.prompt_rewriter import PromptRewriter
+
+__all__ = [
+    "PROMPT_MODES",
+    "STATIC_PROMPTS",
+    "GenerationRecord",
+    "ImageSource",
+    "NoSourceImage",
+    "SyntheticImagePipeline",
+]
+
+log = logging.getLogger(__name__)
+
+PROMPT_MODES = ("caption", "static")
+# Used with --generator.prompt_mode static, when no captioner is available.
+STATIC_PROMPTS: tuple[str, ...] = (
+    "a photo of a golden retriever running on a sandy beach at sunset",
+    "a busy city street at night with wet pavement reflecting neon signs",
+    "a close-up portrait of an elderly man with a grey beard, natural window light",
+    "a bowl of fresh fruit on a wooden kitchen table, soft morning light",
+    "a snowy mountain range above a pine forest under a clear blue sky",
+    "a red vintage car parked in front of a brick building",
+    "an aerial photo of a winding river through green farmland",
+    "a cat sleeping on a windowsill next to a potted plant",
+    "a crowded farmers market with stalls of vegetables, documentary photo",
+    "a modern living room with a grey sofa and large windows, interior photography",
+    "a young woman reading a book in a cafe, shallow depth of field",
+    "a lighthouse on a rocky coast during a storm, dramatic clouds",
+)
+
+
+class ImageSource(Protocol):
+    """Where real images come from (`validator.challenges.real.RealImageSource`); None while it has none yet."""
+
+    def sample(self, rng: np.random.Generator) -> tuple[Image.Image, int, dict[str, Any]] | None: ...
+
+
+class NoSourceImage(RuntimeError):
+    """The real-image source has nothing cached yet (its filler is still downloading)."""
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """A cached synthetic image: where it is and the metadata written beside it."""
+
+    path: Path
+    metadata: dict[str, Any]
+
+
+def _json_safe(metadata: dict[str, Any], max_chars: int = 2000) -> dict[str, Any]:
+    """The JSON-serialisable fields of a source's metadata (dataset, row, ...): enough to find the real image again."""
+    safe = {}
+    for key, value in metadata.items():
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        if len(text) <= max_chars:
+            safe[str(key)] = value
+    return safe
+
+
+class SyntheticImagePipeline:
+    """Makes synthetic images one at a time and writes them to an `ImageCache`."""
+
+    def __init__(
+        self,
+        pool: DiffusionModelPool,
+        cache: ImageCache,
+        *,
+        source: ImageSource | None = None,
+        captioner: Captioner | None = None,
+        rewriter: PromptRewriter | None = None,
+        prompt_mode: str = "caption",
+        resolution: int | None = None,
+        steps: int | None = None,
+        image_format: str = "png",
+        seed: int | None = None,
+        static_prompts: tuple[str, ...] = STATIC_PROMPTS,
+    ) -> None:
+        if prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+        if prompt_mode == "caption" and (source is None or captioner is None):
+            raise ValueError("prompt_mode 'caption' needs a real image source and a captioner")
+        if prompt_mode == "static" and not static_prompts:
+            raise ValueError("prompt_mode 'static' needs at least one prompt")
+        self.pool = pool
+        self.cache = cache
+        self.source = source
+        self.captioner = captioner
+        self.rewriter = rewriter
+        self.prompt_mode = prompt_mode
+        self.resolution = resolution
+        self.steps = steps
+        self.image_format = image_format
+        self.static_prompts = static_prompts
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(2**32)
+        self.rng = random.Random(self.seed)
+        self.np_rng = np.random.default_rng(self.seed)
+
+    def pick_model(self) -> str:
+        """A model chosen uniformly among those that have not failed to load."""
+        available = self.pool.available()
+        if not available:
+            raise NoModelAvailable(f"every model failed to load: {self.pool.failed}")
+        return self.rng.choice(available)
+
+    def run_once(self, model: str | None = None) -> GenerationRecord:
+        """Make, cache and return one image; with `model`, that model unless it fails to load."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        prompt_info = self._prompt(timings)
+        generated = self._generate(prompt_info["prompt"], model)
+        timings.update(load_s=generated.load_s, generate_s=generated.generate_s)
+        timings["total_s"] = time.perf_counter() - start
+        spec = generated.model
+        metadata = {
+            "label": 1,
+            "kind": "synthetic",
+            **prompt_info,
+            "model": spec.name,
+            "model_path": spec.path,
+            "pipeline": spec.pipeline,
+            "call_args": generated.call_args,
+            "seed": generated.seed,
+            "timings": {key: round(value, 4) for key, value in timings.items()},
+            "generator_version": bitmind.__version__,
+        }
+        path = self.cache.put(generated.image, metadata, fmt=self.image_format)
+        return GenerationRecord(path, metadata)
+
+    def _prompt(self, timings: dict[str, float]) -> dict[str, Any]:
+        if self.prompt_mode == "static":
+            prompt = moderate_prompt(self.rng.choice(self.static_prompts))
+            return {"prompt_mode": "static", "prompt": prompt, "caption": None, "source": None}
+        drawn = self.source.sample(self.np_rng)
+        if drawn is None:
+            raise NoSourceImage("no real image is cached yet")
+        image, _label, source_meta = drawn
+        start = time.perf_counter()
+        caption = self.captioner.caption(image)
+        timings["caption_s"] = time.perf_counter() - start
+        if not caption:
+            raise ValueError(f"the captioner produced no caption for {source_meta}")
+        rewritten = ""
+        if self.rewriter is not None:
+            start = time.perf_counter()
+            rewritten = self.rewriter.rewrite(caption)
+            timings["rewrite_s"] = time.perf_counter() - start
+        prompt = moderate_prompt(rewritten) or moderate_prompt(caption)
+        if not prompt:
+            raise ValueError(f"nothing of the caption {caption!r} survived moderation")
+        return {
+            "prompt_mode": "caption",
+            "prompt": prompt,
+            "caption": caption,
+            "rewritten": rewritten or None,
+            "captioner": self.captioner.model_id,
+            "rewriter": self.rewriter.model_id if self.rewriter else None,
+            "source": _json_safe(source_meta),
+        }
+
+    def _generate(self, prompt: str, model: str | None) -> GeneratedImage:
+        """Generate with `model` (or a random one); a model that fails to load is replaced by another."""
+        name = model if model in self.pool.available() else self.pick_model()
+        while True:
+            try:
+                return self.pool.generate(name, prompt, self.rng, resolution=self.resolution, steps=self.steps)
+            except ModelLoadError:
+                name = self.pick_model()
