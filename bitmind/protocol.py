@@ -1,5 +1,6 @@
 """Wire protocol of subnet 34, compatible with the reference `ImageSynapse`."""
 
+import functools
 import typing
 
 import bittensor as bt
@@ -36,3 +37,13 @@ class ImageSynapse(bt.Synapse):
 
     def deserialize(self) -> float:
         return self.prediction
+
+    def get_required_fields(self) -> list[str]:
+        # bittensor rebuilds the pydantic JSON schema for every request header (5-10 ms, both ends); the schema
+        # of a class never changes, so compute it once.
+        return list(_required_fields(type(self)))
+
+
+@functools.cache
+def _required_fields(cls: type[bt.Synapse]) -> tuple[str, ...]:
+    return tuple(cls.model_json_schema().get("required", []))

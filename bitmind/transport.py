@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from unittest import mock
 
+import aiohttp
 import bittensor as bt
 import bittensor.utils.networking as networking
 from bittensor.core.synapse import TerminalInfo
@@ -292,8 +293,14 @@ class ValidatorClient:
             self._dendrite.call(axon, ImageSynapse(image=image), timeout=timeout, deserialize=False)
             for axon, image in zip(axons, images)
         )
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        self._dendrite.synapse_history.clear()  # the Dendrite keeps every call otherwise: unbounded memory
+        # A fresh HTTP session per fan-out: miners drop idle keep-alive connections, and a reused stale one fails
+        # with ServerDisconnected; aiohttp's default pool of 100 connections would also cap a 256-miner fan-out.
+        self._dendrite._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        try:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await self._dendrite.aclose_session()
+            self._dendrite.synapse_history.clear()  # the Dendrite keeps every call otherwise: unbounded memory
         return [_to_response(result, timeout) for result in results]
 
     def query_sync(self, axons: list[bt.AxonInfo], images: list[str] | str, timeout: float) -> list[Response]:

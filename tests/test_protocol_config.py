@@ -80,3 +80,10 @@ def test_mistyped_flag_is_an_error_not_silently_ignored(capsys):
 def test_invalid_choice_is_rejected():
     with pytest.raises(SystemExit):
         build_config(_parser(), ["--chain", "mainnet"])
+
+
+def test_required_fields_match_the_schema_and_headers_still_build():
+    synapse = protocol.ImageSynapse(image="aGVsbG8=")
+    assert synapse.get_required_fields() == protocol.ImageSynapse.model_json_schema().get("required", [])
+    headers = synapse.to_headers()
+    assert headers["name"] == "ImageSynapse"

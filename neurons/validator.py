@@ -1,0 +1,320 @@
+"""Validator process: challenge miners with real and AI-generated images, score them, set weights.
+
+Wiring only: miner selection and the challenge step come from `validator.forward`, rewards and scores from
+`validator.scoring`, persistence from `validator.state`, weight setting from `validator.weight_setter`, chain and
+transport from `bitmind`.
+
+Each step: sync the metagraph when `--neuron.sync_interval` has passed → query up to `--neuron.sample_size` miners
+with one challenge → score → save the state atomically → ask the weight setter's thread to set weights if due →
+one log line. Steps start every `--neuron.step_interval` seconds. No exception stops the loop: it is logged with
+the step and block and the next step runs; the watchdog (`--neuron.watchdog_timeout`) exits the process when no
+step succeeds for that long, so pm2 restarts it.
+
+Local demo (a LocalChain, the packaged real sample, the generator's cache):
+    python -m neurons.validator --chain local --chain.path ~/.bitmind/localnet/chain.sqlite \
+        --wallet.name validator --wallet.hotkey default --validator.real_datasets packaged \
+        --validator.synthetic_cache ~/.bitmind/validator/synthetic_cache --validator.external_ip 127.0.0.1
+"""
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import bittensor as bt
+import numpy as np
+
+from bitmind.chain import Chain, MetagraphView, make_chain
+from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser, setup_logging
+from bitmind.monitoring import Monitor, add_monitoring_args
+from bitmind.transport import ValidatorClient
+from validator.challenges import ChallengeSampler
+from validator.forward import (
+    ChallengeRunner,
+    ForwardParams,
+    StepResult,
+    add_forward_args,
+    build_sampler,
+    check_forward_config,
+    format_step,
+)
+from validator.reward import AnswerKind
+from validator.scoring import Scorer, add_scoring_args
+from validator.state import StateStore
+from validator.weight_setter import WeightSetter, add_weight_args
+
+log = logging.getLogger("bitmind.validator")
+
+DEFAULT_STEP_INTERVAL = 30.0
+# After a round without a challenge (no real image cached yet), try again after at most this long.
+NO_CHALLENGE_RETRY_S = 1.0
+MIN_WAIT_S = 0.05  # never spin: even a zero step interval waits this long after a failed step
+TOP_SCORES_LOGGED = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("Subnet-34 validator: challenges miners with real and AI-generated images, sets weights.")
+    add_chain_args(parser)
+    add_neuron_args(parser, "validator")
+    add_monitoring_args(parser)
+    add_scoring_args(parser)
+    add_weight_args(parser)
+    add_forward_args(parser)
+    parser.add_argument(
+        "--neuron.step_interval",
+        type=float,
+        default=DEFAULT_STEP_INTERVAL,
+        help="Seconds between the starts of two steps (a step that takes longer is followed at once).",
+    )
+    parser.add_argument(
+        "--neuron.max_steps",
+        type=int,
+        default=0,
+        help="Stop after this many completed steps (0: run until stopped). For tests and demos.",
+    )
+    parser.add_argument(
+        "--validator.external_ip",
+        type=str,
+        default="",
+        help="IP this validator's requests announce (empty: looked up; 127.0.0.1 when offline).",
+    )
+    return parser
+
+
+def check_config(config: bt.Config) -> list[str]:
+    """Problems with the flags, one message each (empty when they are usable)."""
+    problems = check_forward_config(config)
+    neuron = config.neuron
+    if not neuron.step_interval >= 0:
+        problems.append(f"--neuron.step_interval must be >= 0, got {neuron.step_interval}")
+    if neuron.max_steps < 0:
+        problems.append(f"--neuron.max_steps must be >= 0, got {neuron.max_steps}")
+    if not neuron.sync_interval >= 0:
+        problems.append(f"--neuron.sync_interval must be >= 0, got {neuron.sync_interval}")
+    return problems
+
+
+def _outcome(status: int, kind: AnswerKind) -> str:
+    """A small set of labels for the answers metric."""
+    if status == 200:
+        return kind.value
+    return {408: "timeout", 503: "unreachable", 401: "refused", 403: "refused"}.get(status, "error")
+
+
+class Validator:
+    """Owns the chain view, scorer, state store, weight setter, sources and client; `run()` loops until `stop()`.
+
+    `sampler` replaces the one the flags describe (tests); `on_watchdog_expire` replaces the watchdog's process exit.
+    """
+
+    def __init__(
+        self,
+        config: bt.Config,
+        chain: Chain | None = None,
+        sampler: ChallengeSampler | None = None,
+        on_watchdog_expire: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.wallet = bt.Wallet(config=config)
+        self.hotkey = self.wallet.hotkey.ss58_address
+        self.chain = chain or make_chain(config)
+        self.stop_event = threading.Event()
+        self.steps_done = 0
+
+        self.store = StateStore.in_dir(config.neuron.state_dir, config.netuid)
+        state = self.store.load()  # before anything could save: a restart keeps scores
+        self.scorer = Scorer.from_config(config, state.scorer if state else None)
+        self.view = self._apply(self.chain.sync())
+        self.uid = self.view.uid_of(self.hotkey)
+        if self.uid is None:
+            raise SystemExit(
+                f"hotkey {self.hotkey} is not registered on netuid {config.netuid}: "
+                f"run `btcli subnet register --netuid {config.netuid} --wallet.name {config.wallet.name} "
+                f"--wallet.hotkey {config.wallet.hotkey}` first"
+            )
+        self._next_sync = time.monotonic() + config.neuron.sync_interval
+
+        self.real_source = None
+        if sampler is None:
+            sampler, self.real_source = build_sampler(config)
+        self.sampler = sampler
+        seed = config.validator.seed
+        self.client = ValidatorClient(self.wallet, external_ip=config.validator.external_ip or None)
+        self.runner = ChallengeRunner(
+            sampler,
+            self.scorer,
+            self.client.query_sync,
+            self.hotkey,
+            ForwardParams.from_config(config),
+            np.random.default_rng(None if seed < 0 else seed),
+        )
+        self.weight_setter = WeightSetter.from_config(
+            config, self.chain, self.wallet, self.scorer.weights, state.last_weights_block if state else None
+        )
+        self._weights_seen = (0, 0)  # (successes, failures) already reported to the metrics
+        self.monitor = Monitor.from_config(config, role="validator", on_watchdog_expire=on_watchdog_expire)
+        log.info(
+            "validator uid=%d hotkey=%s netuid=%d neurons=%d sample_size=%d timeout=%gs step_interval=%gs "
+            "fake_prob=%g state=%s",
+            self.uid, self.hotkey[:8], config.netuid, self.view.n, config.neuron.sample_size, config.neuron.timeout,
+            config.neuron.step_interval, config.validator.fake_prob, self.store.path,
+        )
+
+    # --- chain view ------------------------------------------------------------------------------------------
+    def _apply(self, view: MetagraphView) -> MetagraphView:
+        """Hand a fresh metagraph to the scorer; a new hotkey at a uid starts from zero."""
+        for uid in self.scorer.sync(view):
+            hotkey = view.hotkeys[view.index_of(uid)]
+            log.info("uid %d has a new hotkey %s: its score and history start from zero", uid, hotkey[:8])
+        return view
+
+    def _maybe_sync(self) -> None:
+        if time.monotonic() < self._next_sync:
+            return
+        try:
+            view = self.chain.sync()
+        except Exception as exc:  # noqa: BLE001 - a flaky chain must not stop challenges; the old view still works
+            log.warning(
+                "metagraph sync failed (%s: %s); keeping the view of block %d", type(exc).__name__, exc, self.view.block
+            )
+            self.monitor.metrics.record_error("sync")
+            return
+        self.view = self._apply(view)
+        self._next_sync = time.monotonic() + self.config.neuron.sync_interval
+        self.monitor.metrics.record_sync()
+        uid = view.uid_of(self.hotkey)
+        if uid is None:
+            log.error(
+                "hotkey %s is no longer registered on netuid %d: weights cannot be set", self.hotkey[:8], view.netuid
+            )
+        elif uid != self.uid:
+            log.info("own uid changed from %s to %d", self.uid, uid)
+        self.uid = uid
+        log.debug("sync block=%d neurons=%d", view.block, view.n)
+
+    # --- one step --------------------------------------------------------------------------------------------
+    def step(self) -> StepResult | None:
+        """Sync if due, run one challenge, save the state, log the step. None when no challenge could be drawn."""
+        self._maybe_sync()
+        result = self.runner.run(self.view)
+        if result is None:
+            return None
+        if result.challenge is not None:
+            started = time.perf_counter()
+            if not self.store.save(self.scorer.snapshot(), self.weight_setter.last_success_block):
+                self.monitor.metrics.record_error("state_save")
+            result.timings.persistence = time.perf_counter() - started
+        self.steps_done += 1
+        self._report(result)
+        return result
+
+    def _report(self, result: StepResult) -> None:
+        scores = self.scorer.scores
+        registered = self.scorer.uids
+        top = sorted(
+            ((uid, float(scores[uid])) for uid in registered if scores[uid] > 0), key=lambda pair: (-pair[1], pair[0])
+        )
+        log.info(format_step(self.steps_done, result, top[:TOP_SCORES_LOGGED]))
+        metrics = self.monitor.metrics
+        for response, reward in zip(result.responses, result.rewards, strict=True):
+            metrics.record_request(_outcome(response.status, reward.kind), response.latency)
+        metrics.set_scores({uid: float(scores[uid]) for uid in registered})
+        metrics.record_step()
+        self.monitor.beat(
+            step=self.steps_done, block=result.block, uid=self.uid, kind=result.kind,
+            queried=len(result.uids), answered=result.answered,
+            last_weights_block=self.weight_setter.last_success_block,
+        )
+
+    def _safe_step(self) -> bool | None:
+        """`step()` that never raises: True when it completed, None when no challenge was drawn, False on error."""
+        try:
+            return True if self.step() is not None else None
+        except Exception:  # noqa: BLE001 - one bad step must never stop the validator
+            log.exception(
+                "step %d failed at block %d (%d neurons); the next step runs",
+                self.steps_done + 1, self.view.block, self.view.n,
+            )
+            self.monitor.metrics.record_error("step")
+            return False
+
+    def _maybe_set_weights(self) -> None:
+        """Nudge the weight setter (it decides in its own thread whether weights are due) and count its results."""
+        try:
+            self.weight_setter.maybe_set_weights()
+            stats = self.weight_setter.stats
+            seen_ok, seen_failed = self._weights_seen
+            for _ in range(stats.successes - seen_ok):
+                self.monitor.metrics.record_weights(True, stats.last_success_block)
+            for _ in range(stats.failures - seen_failed):
+                self.monitor.metrics.record_weights(False)
+            self._weights_seen = (stats.successes, stats.failures)
+        except Exception:  # noqa: BLE001
+            log.exception("could not request weight setting")
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Step until `stop()` or `--neuron.max_steps` completed steps; always releases everything at the end."""
+        interval = float(self.config.neuron.step_interval)
+        max_steps = int(self.config.neuron.max_steps)
+        try:
+            if self.real_source is not None:
+                self.real_source.start()
+            self.weight_setter.start()
+            while not self.stop_event.is_set():
+                started = time.monotonic()
+                outcome = self._safe_step()
+                self._maybe_set_weights()
+                if max_steps and self.steps_done >= max_steps:
+                    log.info("completed %d steps (--neuron.max_steps); stopping", self.steps_done)
+                    break
+                if outcome is None:  # no image yet: the filler is working, look again soon
+                    wait = max(MIN_WAIT_S, min(interval, NO_CHALLENGE_RETRY_S))
+                else:
+                    wait = interval - (time.monotonic() - started)
+                    if outcome is False:
+                        wait = max(wait, MIN_WAIT_S)
+                self.stop_event.wait(max(0.0, wait))
+        finally:
+            self.close()
+
+    def stop(self, *_: object) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        log.info("validator shutting down after %d steps", self.steps_done)
+        if self.real_source is not None:
+            self.real_source.stop(timeout=5.0)
+        self.weight_setter.stop()
+        try:
+            self.client.close()
+        except Exception as exc:  # noqa: BLE001 - closing must not hide the reason we stop
+            log.warning("closing the query client failed: %s", exc)
+        self.monitor.close()
+        self.chain.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    config = build_config(parser, argv)
+    problems = check_config(config)
+    if problems:
+        parser.error("; ".join(problems))
+    setup_logging(config)
+    validator = Validator(config)
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, validator.stop)
+    try:
+        validator.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
