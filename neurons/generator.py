@@ -27,7 +27,7 @@ import torch
 
 from bitmind.config import DEFAULT_HOME, build_config, new_parser, setup_logging
 from validator.challenges.cache import ImageCache
-from validator.challenges.real import DatasetSpec, RealImageSource, packaged_real_sample
+from validator.challenges.real import RealImageSource, parse_dataset_list
 from validator.generation.captioner import DEFAULT_CAPTIONER, Captioner
 from validator.generation.diffusion import DiffusionModelPool, ModelConfigError, NoModelAvailable, parse_model_list
 from validator.generation.pipeline import PROMPT_MODES, NoSourceImage, SyntheticImagePipeline
@@ -128,15 +128,14 @@ def _check(parser: argparse.ArgumentParser, config: Any) -> None:
 
 def _real_source_problems(value: str) -> list[str]:
     """Malformed dataset options, and local dataset paths that do not exist."""
-    if value in ("default", "packaged"):
+    if value == "default":
         return []
+    try:
+        specs = parse_dataset_list(value)
+    except ValueError as err:
+        return [f"--generator.real_source: {err}"]
     problems = []
-    for part in (p.strip() for p in value.split(",")):
-        try:
-            spec = DatasetSpec.parse(part)
-        except ValueError as err:
-            problems.append(f"--generator.real_source: {err}")
-            continue
+    for spec in specs:
         if not spec.is_hub and not any(c in spec.path for c in "*?[") and not Path(spec.path).expanduser().exists():
             problems.append(f"--generator.real_source: {spec.path} is neither a local file or folder nor a hub id")
     return problems
@@ -153,10 +152,8 @@ def _real_source(config: Any, seed: int):
     g = config.generator
     if g.real_source == "default":
         datasets = None
-    elif g.real_source == "packaged":
-        datasets = [packaged_real_sample()]
     else:
-        datasets = [part.strip() for part in g.real_source.split(",") if part.strip()]
+        datasets = parse_dataset_list(g.real_source)
     source = RealImageSource(
         datasets, g.real_cache_dir, max_bytes=int(g.real_cache_max_gb * 1e9), image_format="png", seed=seed
     )

@@ -267,3 +267,14 @@ def test_corrupt_files_are_skipped_not_fatal(tmp_path, caplog):
     status = source.status()[0]
     assert status["items"] == 3 and status["bad_rows"] == 1 and status["failures"] == 0
     assert any("skipping row" in r.getMessage() for r in caplog.records)
+
+
+def test_dataset_list_keeps_label_lists_together_and_names_the_packaged_sample():
+    from validator.challenges import PACKAGED, parse_dataset_list
+
+    specs = parse_dataset_list(f"org/a?labels=0,2, org/b ,{PACKAGED}")
+    assert [spec.path for spec in specs[:2]] == ["org/a", "org/b"]
+    assert list(specs[0].labels) == [0, 2]
+    assert specs[2].path == packaged_real_sample().path
+    with pytest.raises(ValueError):
+        parse_dataset_list(" , ")

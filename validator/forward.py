@@ -12,7 +12,6 @@ a warning) nor for the real-image filler (no real image yet gives None: no chall
 import argparse
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,17 +31,16 @@ from validator.challenges import (
     DEFAULT_REAL_DATASETS,
     Challenge,
     ChallengeSampler,
-    DatasetSpec,
     RealImageSource,
     SyntheticImageSource,
-    packaged_real_sample,
+    PACKAGED,
+    parse_dataset_list,
 )
 from validator.miner_selection import DEFAULT_VPERMIT_STAKE_LIMIT, select_miners
 from validator.reward import AnswerKind, Reward
 from validator.scoring import Scorer
 
 __all__ = [
-    "PACKAGED",
     "ChallengeRunner",
     "ForwardParams",
     "QueryFn",
@@ -53,7 +51,6 @@ __all__ = [
     "build_sampler",
     "check_forward_config",
     "format_step",
-    "parse_dataset_list",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +60,6 @@ DEFAULT_TIMEOUT = 9.0
 DEFAULT_FAKE_PROB = 0.5
 DEFAULT_JPEG_QUALITY = 75  # PIL's default, what the reference validators sent
 CHALLENGE_SIZE = 256
-PACKAGED = "packaged"
 
 # (axons, one base64 image for all, timeout) -> one Response per axon, in order. `ValidatorClient.query_sync`.
 QueryFn = Callable[[list[bt.AxonInfo], str, float], list[Response]]
@@ -97,23 +93,6 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
         help="JPEG quality of the 256x256 challenge image sent to miners (1-100).")
     add("--validator.seed", type=int, default=-1,
         help="Seed of miner selection, real/fake choice and augmentation (-1: a fresh random seed).")
-
-
-def parse_dataset_list(text: str) -> list[DatasetSpec]:
-    """`--validator.real_datasets` into specs; `packaged` is the shipped sample. ValueError when malformed or empty.
-
-    A comma also separates the values of a `labels=0,2` option: a part starting with an integer right after a
-    `labels=` list continues that entry.
-    """
-    entries: list[str] = []
-    for part in (piece.strip() for piece in text.split(",")):
-        if entries and re.search(r"labels=[-\d,]*$", entries[-1]) and re.fullmatch(r"-?\d+(&.*)?", part):
-            entries[-1] += "," + part
-        elif part:
-            entries.append(part)
-    if not entries:
-        raise ValueError("no real dataset given")
-    return [packaged_real_sample() if entry == PACKAGED else DatasetSpec.parse(entry) for entry in entries]
 
 
 def check_forward_config(config: Any) -> list[str]:

@@ -5,7 +5,14 @@ Each source's `sample(rng)` yields `(RGB image, label, metadata)` or None when i
 """
 
 from validator.challenges.cache import ImageCache
-from validator.challenges.real import DEFAULT_REAL_DATASETS, DatasetSpec, RealImageSource, packaged_real_sample
+from validator.challenges.real import (
+    DEFAULT_REAL_DATASETS,
+    PACKAGED,
+    DatasetSpec,
+    RealImageSource,
+    packaged_real_sample,
+    parse_dataset_list,
+)
 from validator.challenges.sampler import Challenge, ChallengeSampler
 from validator.challenges.synthetic import SyntheticImageSource
 
@@ -14,8 +21,10 @@ __all__ = [
     "Challenge",
     "ChallengeSampler",
     "DatasetSpec",
+    "PACKAGED",
     "ImageCache",
     "RealImageSource",
     "SyntheticImageSource",
     "packaged_real_sample",
+    "parse_dataset_list",
 ]

@@ -37,9 +37,11 @@ from validator.challenges.cache import ImageCache
 __all__ = [
     "DEFAULT_REAL_DATASETS",
     "DatasetSpec",
+    "PACKAGED",
     "RealImageSource",
     "decode_row_image",
     "packaged_real_sample",
+    "parse_dataset_list",
 ]
 
 log = logging.getLogger(__name__)
@@ -487,3 +489,23 @@ class RealImageSource:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+PACKAGED = "packaged"
+
+
+def parse_dataset_list(text: str) -> list[DatasetSpec]:
+    """A comma-separated dataset list (`--validator.real_datasets`, `--generator.real_source`) into specs; `packaged` is the shipped sample. ValueError when malformed or empty.
+
+    A comma also separates the values of a `labels=0,2` option: a part starting with an integer right after a
+    `labels=` list continues that entry.
+    """
+    entries: list[str] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        if entries and re.search(r"labels=[-\d,]*$", entries[-1]) and re.fullmatch(r"-?\d+(&.*)?", part):
+            entries[-1] += "," + part
+        elif part:
+            entries.append(part)
+    if not entries:
+        raise ValueError("no real dataset given")
+    return [packaged_real_sample() if entry == PACKAGED else DatasetSpec.parse(entry) for entry in entries]
