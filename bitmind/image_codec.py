@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["DecodeLimits", "ImageDecodeError", "decode_image", "encode_image", "to_rgb", "fit_square"]
+__all__ = [
+    "DecodeLimits",
+    "ImageDecodeError",
+    "decode_bytes",
+    "decode_image",
+    "encode_image",
+    "fit_square",
+    "to_rgb",
+]
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 
@@ -72,11 +80,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(payload: str | bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """Decode a base64 image payload into a fully loaded RGB PIL image, enforcing `limits`."""
-    raw = _b64decode(payload, limits.max_bytes)
+    return decode_bytes(_b64decode(payload, limits.max_bytes), limits)
+
+
+def decode_bytes(raw: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """Decode an encoded image file (JPEG, PNG, ...) into a fully loaded RGB PIL image, enforcing `limits`."""
+    if not raw:
+        raise ImageDecodeError("empty payload")
+    if len(raw) > limits.max_bytes:
+        raise ImageDecodeError(f"payload larger than {limits.max_bytes} bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
+            try:
+                image = Image.open(io.BytesIO(raw))
+            except Image.UnidentifiedImageError as exc:
+                raise ImageDecodeError("unreadable image: not a known image format") from exc
             fmt = image.format
             if fmt not in ALLOWED_FORMATS:
                 raise ImageDecodeError(f"unsupported image format {fmt!r}")

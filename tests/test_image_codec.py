@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_image, encode_image
+from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_bytes, decode_image, encode_image
 
 
 def _b64(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> str:
@@ -176,3 +176,14 @@ def test_random_corruptions_never_escape_as_other_errors(fmt):
         except ImageDecodeError:
             continue
         assert decoded.mode == "RGB"
+
+
+def test_decode_bytes_reads_files_and_enforces_the_same_limits():
+    raw = base64.b64decode(_b64(_rgb(40, 30), "PNG"))
+    assert decode_bytes(raw).size == (40, 30)
+    with pytest.raises(ImageDecodeError, match="larger than 10 bytes"):
+        decode_bytes(raw, DecodeLimits(max_bytes=10))
+    with pytest.raises(ImageDecodeError, match="not a known image format"):
+        decode_bytes(b"plain text, not an image")
+    with pytest.raises(ImageDecodeError, match="empty"):
+        decode_bytes(b"")

@@ -1,0 +1,154 @@
+"""CAMO, the content-aware mixture of experts: a gate routes each image by content to expert detectors.
+
+For a batch, the gate looks at every image, the routed images are grouped per expert, each expert's `predict`
+runs once on its group, and each image's expert outputs are combined into one probability. Default routing
+with the face gate: a face goes to the face expert (aligned crop) and, with `general_on_faces`, also to the
+general expert (full image); anything else, or an image the gate fails on, goes to the general expert only.
+"""
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from base_miner.detectors.base import DeepfakeDetector, Prediction
+from base_miner.registry import ConfigError, build_detector, build_gate, register_detector
+
+__all__ = ["CAMO", "COMBINE_RULES", "GENERAL"]
+
+log = logging.getLogger(__name__)
+
+GENERAL = "general"
+COMBINE_RULES = ("max", "weighted_mean")
+_KNOWN_KEYS = {
+    "detector", "name", "description", "device", "config_dir",
+    "gate", "experts", "combine", "weights", "general_on_faces",
+}  # fmt: skip
+
+
+def _resolve_expert(spec: Any, config_dir: str | None) -> str | dict[str, Any]:
+    """An expert's config as `build_detector` takes it; relative YAML paths are relative to the CAMO config."""
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        if config_dir:
+            spec.setdefault("config_dir", config_dir)
+        return spec
+    if isinstance(spec, (str, Path)) and str(spec):
+        path = Path(spec)
+        if config_dir and path.suffix and not path.is_absolute() and (Path(config_dir) / path).is_file():
+            return str(Path(config_dir) / path)
+        return str(spec)
+    raise ConfigError(f"CAMO expert config must be a config name, a YAML path or a mapping, got {spec!r}")
+
+
+@register_detector("CAMO")
+class CAMO(DeepfakeDetector):
+    """Content-aware mixture of experts.
+
+    Config keys:
+      gate              gate name or mapping `{name: face, ...gate keys}` (default `face`)
+      experts           `{general: <config>, <content type>: <config>, ...}`; a config is a packaged config name,
+                        a YAML path (relative to this file) or an inline mapping; `general` is required and every
+                        other key must be a content type the gate emits
+      combine           `max` (the reference subnet's rule) or `weighted_mean` (default `max`)
+      weights           `{expert: weight > 0}` for every expert; required by `weighted_mean`
+      general_on_faces  also run the general expert on the full image when the gate found a region (default true)
+    """
+
+    def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
+        super().__init__(config, device)
+        unknown = sorted(set(self.config) - _KNOWN_KEYS)
+        if unknown:
+            log.warning("CAMO config: ignoring unknown keys %s", unknown)
+        self.gate = build_gate(self.config.get("gate") or "face")
+        self.combine = self.config.get("combine", "max")
+        if self.combine not in COMBINE_RULES:
+            raise ConfigError(f"CAMO: unknown combine rule {self.combine!r}; choose from {list(COMBINE_RULES)}")
+        self.general_on_faces = self.config.get("general_on_faces", True)
+        if not isinstance(self.general_on_faces, bool):
+            raise ConfigError(f"CAMO: general_on_faces must be true or false, got {self.general_on_faces!r}")
+        specs = self.config.get("experts")
+        if not isinstance(specs, dict) or GENERAL not in specs:
+            raise ConfigError(f"CAMO: experts must be a mapping with a {GENERAL!r} expert, got {specs!r}")
+        allowed = {GENERAL, *getattr(self.gate, "content_types", ())}
+        for name in specs:
+            if name not in allowed:
+                raise ConfigError(f"CAMO: unknown expert {name!r}; this gate routes to {sorted(allowed)}")
+        self.weights = self._check_weights(self.config.get("weights"), specs)
+        config_dir = self.config.get("config_dir")
+        self.experts: dict[str, DeepfakeDetector] = {
+            name: build_detector(_resolve_expert(spec, config_dir), device=self.device) for name, spec in specs.items()
+        }
+        log.info(
+            "CAMO ready: gate %s, experts %s, combine %s, general_on_faces %s",
+            type(self.gate).__name__,
+            {name: expert.name for name, expert in self.experts.items()},
+            self.combine,
+            self.general_on_faces,
+        )
+
+    def _check_weights(self, weights: Any, experts: dict[str, Any]) -> dict[str, float]:
+        if self.combine != "weighted_mean":
+            return {}
+        if not isinstance(weights, dict) or set(weights) != set(experts):
+            raise ConfigError(f"CAMO: weighted_mean needs weights for exactly the experts {sorted(experts)}")
+        for name, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                raise ConfigError(f"CAMO: weight of expert {name!r} must be a positive number, got {weight!r}")
+        return {name: float(weight) for name, weight in weights.items()}
+
+    def _route(self, index: int, image: Image.Image) -> list[tuple[str, Image.Image]]:
+        """The gate's regions for one image; a failing or misbehaving gate means no region (general expert)."""
+        try:
+            regions = list(self.gate.route(image))
+            for content, region in regions:
+                if content not in self.experts or not isinstance(region, Image.Image):
+                    raise ValueError(f"gate returned a region of unknown type {content!r} or not an image")
+            return regions
+        except Exception as exc:  # noqa: BLE001 - any gate failure must only cost this image its face expert
+            log.warning("CAMO gate failed on image %d (%s: %s); using the general expert", index, type(exc).__name__, exc)
+            return []
+
+    def _run_expert(self, name: str, images: list[Image.Image]) -> list[float]:
+        outputs = list(self.experts[name].predict(images))
+        if len(outputs) != len(images):
+            raise RuntimeError(f"CAMO expert {name!r} returned {len(outputs)} probabilities for {len(images)} images")
+        probabilities = []
+        for value in outputs:
+            value = float(value)
+            if not math.isfinite(value):
+                raise RuntimeError(f"CAMO expert {name!r} returned a non-finite probability {value!r}")
+            probabilities.append(min(1.0, max(0.0, value)))
+        return probabilities
+
+    def _combine(self, outputs: dict[str, float]) -> float:
+        if self.combine == "max":
+            return max(outputs.values())
+        total = sum(self.weights[name] for name in outputs)
+        return sum(self.weights[name] * value for name, value in outputs.items()) / total
+
+    def predict_detailed(self, images: list[Image.Image]) -> list[Prediction]:
+        """Route every image, run each expert once on its group, combine per image (order kept)."""
+        routes: list[str] = []
+        queues: dict[str, list[tuple[int, Image.Image]]] = {name: [] for name in self.experts}
+        for index, image in enumerate(images):
+            regions = self._route(index, image)
+            routes.append(regions[0][0] if regions else GENERAL)
+            for content, region in regions:
+                queues[content].append((index, region))
+            if not regions or self.general_on_faces:
+                queues[GENERAL].append((index, image))
+        outputs: list[dict[str, float]] = [{} for _ in images]
+        for name, queue in queues.items():
+            if not queue:
+                continue
+            probabilities = self._run_expert(name, [region for _, region in queue])
+            for (index, _), probability in zip(queue, probabilities):
+                # Several regions of one type (a gate reporting every face) keep the most suspicious one.
+                outputs[index][name] = max(probability, outputs[index].get(name, 0.0))
+        return [
+            Prediction(probability=self._combine(experts), route=route, experts=experts)
+            for route, experts in zip(routes, outputs)
+        ]
