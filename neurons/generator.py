@@ -85,7 +85,7 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
     add("--generator.seed", type=int, default=-1, help="Seed of all random draws (-1: a fresh random seed).")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = new_parser("Generate synthetic challenge images into the validator's cache.")
     add_generator_args(parser)
     return parser
@@ -245,7 +245,7 @@ def _loop(pipeline: SyntheticImagePipeline, g: Any, stop: threading.Event) -> in
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, install SIGINT/SIGTERM handlers that stop after the current image, and run."""
-    parser = _parser()
+    parser = build_parser()
     config = build_config(parser, argv)
     _check(parser, config)
     setup_logging(config)

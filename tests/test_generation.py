@@ -452,7 +452,7 @@ def test_generator_writes_max_images_and_exits_0(tiny_models, tmp_path, restore_
 
 def test_generator_flags_reach_the_code(tiny_models, tmp_path):
     argv = _generator_args(tiny_models, tmp_path, "--generator.batch", "7")
-    config = generator.build_config(generator._parser(), argv)
+    config = generator.build_config(generator.build_parser(), argv)
     g = config.generator
     assert (g.batch, g.resolution, g.steps, g.vram_budget_gb) == (7, 64, 1, 4.0)
     assert g.rewriter == str(tiny_models.llm) and g.prompt_mode == "caption" and g.max_images == 0
