@@ -262,6 +262,10 @@ class Validator:
         max_steps = int(self.config.neuron.max_steps)
         try:
             if self.real_source is not None:
+                # One bounded fill round first: otherwise the first steps, issued while the cache is empty, could
+                # only be fakes (a fake wanted with no real image cached is skipped, a real wanted is not).
+                added = self.real_source.fill_round()
+                log.info("real-image cache: %d images (%d added at start)", len(self.real_source), added)
                 self.real_source.start()
             self.weight_setter.start()
             while not self.stop_event.is_set():

@@ -352,7 +352,9 @@ def _run_process(argv: list[str], timeout: float) -> subprocess.CompletedProcess
 
 
 def test_main_runs_two_steps_against_real_miners_and_exits_zero(subnet, tmp_path):
-    done = _run_process(validator_argv(subnet, tmp_path, "--neuron.max_steps", "2"), timeout=90)
+    # Every step wants a fake; the synthetic cache is empty, so each falls back to a real image with a warning.
+    argv = validator_argv(subnet, tmp_path, "--neuron.max_steps", "2", "--validator.fake_prob", "1.0")
+    done = _run_process(argv, timeout=90)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     step_lines = [line for line in done.stdout.splitlines() if "bitmind.validator: step " in line]
     assert len(step_lines) == 2 and all("queried 3" in line and "real_sample" in line for line in step_lines)
