@@ -59,7 +59,11 @@ def test_packaged_config_predicts_probabilities_for_odd_images(config, overrides
 
 @pytest.mark.parametrize("key", list(TORCH_DETECTORS))
 def test_save_then_load_gives_identical_outputs(key, odd_images, tmp_path):
-    original = build(key)
+    original = build(key, weights=None)
+    with torch.no_grad():  # move every tensor off its initial value, so only a real round trip reproduces it
+        noise = torch.Generator().manual_seed(0)
+        for parameter in original.model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=noise) * 0.01)
     folder = original.save(tmp_path / "ckpt")
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     assert saved["weights"] == "." and not {"config_dir", "device", "num_threads"} & set(saved)
@@ -67,7 +71,7 @@ def test_save_then_load_gives_identical_outputs(key, odd_images, tmp_path):
     reloaded = build_detector(folder / "config.yaml", device="cpu")
     assert reloaded.predict(odd_images) == original.predict(odd_images)
     # The round trip is what makes them equal: a fresh untrained build answers differently.
-    assert build(key).predict(odd_images) != original.predict(odd_images)
+    assert build(key, weights=None).predict(odd_images) != original.predict(odd_images)
 
 
 def test_chunked_batches_match_one_batch(odd_images, tmp_path):
@@ -93,7 +97,7 @@ def test_nan_logits_answer_one_half(odd_images, caplog):
 
 
 def test_transform_crops_without_resampling_in_center_crop_mode():
-    detector = build("npr")  # image_size 64, center_crop
+    detector = build("npr", resize_mode="center_crop")  # image_size 64
     pixels = np.random.default_rng(1).integers(0, 256, (100, 90, 3), dtype=np.uint8)
     tensor = detector.transform(Image.fromarray(pixels))
     crop = pixels[18:82, 13:77].astype(np.float32) / 255.0
@@ -272,7 +276,9 @@ def test_ucf_inference_runs_only_the_forgery_path(odd_images):
 # --- generalist ---------------------------------------------------------------------------------------------------
 def test_generalist_backbone_holds_the_package_tensors():
     package = load_package_state_dict()
-    net = build("generalist").model.net
+    net = build("generalist", weights=None).model.net  # no trained checkpoint: the package backbone
+    # The new one-logit head starts at zero, so every image starts at p = 0.5.
+    assert not net.classifier.weight.any() and not net.classifier.bias.any()
     backbone = [t for k, t in net.state_dict().items() if not k.startswith("classifier.")]
     reference = [t for k, t in package.items() if not k.startswith("_fc.")]
     # Both networks list their tensors in the same layer order, independently of our key mapping.

@@ -121,7 +121,11 @@ class GeneralistDetector(TorchDetector):
         return OneLogit(timm.create_model(BACKBONE, pretrained=False, num_classes=1, drop_rate=self.settings.drop_rate))
 
     def load_pretrained(self) -> None:
-        """Load the ImageNet backbone (every tensor but the 1000-class classifier); the head stays random."""
+        """Load the ImageNet backbone (every tensor but the 1000-class classifier) and zero the new head.
+
+        timm initialises a one-output head with weights up to ±1, which puts untrained logits near ±5 and starts
+        fine-tuning from a loss around 5; a zero head starts every image at p = 0.5.
+        """
         if not self.settings.pretrained:
             return
         net = self.model.net
@@ -130,5 +134,7 @@ class GeneralistDetector(TorchDetector):
         result = net.load_state_dict(mapped, strict=False)
         if result.unexpected_keys or set(result.missing_keys) != {"classifier.weight", "classifier.bias"}:
             raise WeightsError(f"EfficientNet-Lite0 backbone did not load fully: {result}")
+        torch.nn.init.zeros_(net.classifier.weight)
+        torch.nn.init.zeros_(net.classifier.bias)
         log.info("%s: loaded ImageNet EfficientNet-Lite0 backbone (%d tensors)", self.name, len(mapped))
 

@@ -1,0 +1,1 @@
+"""`bitmind-arena`: benchmark detectors on datasets — metrics, robustness sweeps, leaderboard and plots."""

@@ -1,0 +1,184 @@
+"""`bitmind-arena`: evaluate detectors on datasets and write results.json, a markdown leaderboard and PNG plots.
+
+    bitmind-arena --detector camo --detector npr --dataset ../shared/data/cifake:train[96%:] \
+        --dataset "../shared/data/diverse?source=urban100-sun80&generator=ai-horde-checkpoints-sdxl-sd15" --out arena/
+
+A detector is a packaged config name (camo, npr, generalist, ...) or a YAML path; a dataset is a parquet file or
+folder, an imagefolder with real/ and fake/, or a hub id, with an optional `:SPLIT` and `?KEY=VALUE&...` row
+selection (see `base_miner.training.data`). Unreadable rows are counted, reported and skipped.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from base_miner.arena.metrics import binary_metrics, roc_points
+from base_miner.arena.report import write_json, write_markdown, write_plots
+from base_miner.arena.robustness import SWEEPS, perturb
+from base_miner.registry import ConfigError, build_detector, load_config
+from base_miner.training.data import DataError, DatasetSpec, decode_row_image, load_spec, stratified_subset
+from bitmind.image_codec import ImageDecodeError
+
+__all__ = ["build_parser", "evaluate", "load_images", "main"]
+
+log = logging.getLogger("bitmind-arena")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitmind-arena", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--detector", action="append", required=True, metavar="CONFIG", help="YAML path or packaged config name; repeatable")
+    parser.add_argument("--dataset", action="append", required=True, metavar="DATASET", help="LOCATION[:SPLIT][?KEY=VALUE&...]; repeatable")
+    parser.add_argument("--out", required=True, help="output folder (results.json, leaderboard.md, *.png)")
+    parser.add_argument("--max-rows", type=_positive_int, default=0, help="evaluate at most this many rows per dataset (stratified, seeded); 0 = all")
+    parser.add_argument("--robustness-rows", type=_positive_int, default=200, help="rows per dataset for the robustness sweeps; 0 = no sweeps")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated robustness sweeps")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per predict call")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the row subsets")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def load_images(spec: DatasetSpec, max_rows: int, seed: int) -> tuple[list[Image.Image], list[int], int, int]:
+    """(images, labels, rows, unreadable) of a dataset; unreadable rows are logged and left out."""
+    ds = stratified_subset(load_spec(spec), max_rows or None, seed)
+    images, labels, unreadable = [], [], 0
+    for index, (cell, label) in enumerate(zip(ds["image"], ds["label"])):
+        try:
+            images.append(decode_row_image(cell))
+            labels.append(int(label))
+        except ImageDecodeError as exc:
+            unreadable += 1
+            log.warning("%s: row %d is unreadable (%s); skipped", spec.name, index, exc)
+    return images, labels, len(ds), unreadable
+
+
+def _predict(detector, images: list[Image.Image], batch_size: int, desc: str | None) -> tuple[list[float], float]:
+    """Probabilities and mean milliseconds per image (a progress bar when `desc` is given)."""
+    probabilities: list[float] = []
+    started = time.perf_counter()
+    batches = range(0, len(images), batch_size)
+    for start in tqdm(batches, desc=desc, leave=False, unit="batch", disable=desc is None):
+        probabilities.extend(float(p) for p in detector.predict(images[start : start + batch_size]))
+    elapsed = time.perf_counter() - started
+    return probabilities, (1000.0 * elapsed / len(images)) if images else 0.0
+
+
+def _robustness(detector, images, labels, rows: int, sweeps: Sequence[str], batch_size: int, seed: int):
+    """Metrics at every level of every sweep on one stratified, seeded subset of the images."""
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(len(images))
+    if len(images) > rows:
+        y = np.asarray(labels)
+        chosen = np.sort(np.concatenate([
+            rng.choice(np.flatnonzero(y == c), size=min(int((y == c).sum()), round(rows * (y == c).mean())), replace=False)
+            for c in (0, 1) if (y == c).any()
+        ]))  # fmt: skip
+    subset, subset_labels = [images[i] for i in chosen], [labels[i] for i in chosen]
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for sweep in sweeps:
+        curves[sweep] = []
+        for level in SWEEPS[sweep].levels:
+            perturbed = [perturb(image, sweep, level) for image in subset]
+            probabilities, _ = _predict(detector, perturbed, batch_size, None)
+            m = binary_metrics(subset_labels, probabilities)
+            curves[sweep].append({"level": level, "n": m["n"], "accuracy": m["accuracy"], "mcc": m["mcc"], "auc": m["auc"]})
+    return curves
+
+
+def _detector_names(configs: Sequence[str]) -> list[str]:
+    """Report names: the packaged name, or the YAML's stem (its folder's name for `config.yaml`); made unique."""
+    names: list[str] = []
+    for config in configs:
+        path = Path(config)
+        name = path.parent.name if path.suffix and path.stem == "config" else (path.stem if path.suffix else str(config))
+        candidate, n = name, 2
+        while candidate in names:
+            candidate, n = f"{name}#{n}", n + 1
+        names.append(candidate)
+    return names
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every detector on every dataset; returns the results.json structure and the ROC points."""
+    sweeps = [s.strip() for s in args.sweeps.split(",") if s.strip()]
+    unknown = sorted(set(sweeps) - set(SWEEPS))
+    if unknown:
+        raise ConfigError(f"unknown robustness sweep(s) {unknown}; choose from {list(SWEEPS)}")
+    for config in args.detector:
+        load_config(config)  # a typo fails before any dataset is loaded
+    specs = [DatasetSpec.parse(text) for text in args.dataset]
+    datasets = {}
+    for spec in specs:
+        images, labels, rows, unreadable = load_images(spec, args.max_rows, args.seed)
+        datasets[spec.name] = (spec, images, labels, rows, unreadable)
+        log.info("dataset %s: %d rows, %d readable (%d real, %d fake), %d unreadable",
+                 spec.name, rows, len(images), labels.count(0), labels.count(1), unreadable)  # fmt: skip
+    results: dict[str, Any] = {
+        "detectors": {},
+        "datasets": {name: {"spec": str(d[0].location), "rows": d[3], "unreadable": d[4]} for name, d in datasets.items()},
+    }
+    roc: dict[str, dict[str, Any]] = {}
+    for name, config in zip(_detector_names(args.detector), args.detector):
+        detector = build_detector(config, device=args.device)
+        entry: dict[str, Any] = {"config": str(config), "datasets": {}, "robustness": {}}
+        roc[name] = {}
+        for dataset, (spec, images, labels, rows, unreadable) in datasets.items():
+            probabilities, ms = _predict(detector, images, args.batch_size, f"{name} on {dataset}")
+            metrics = binary_metrics(labels, probabilities)
+            entry["datasets"][dataset] = {**metrics, "ms_per_image": ms, "unreadable": unreadable}
+            roc[name][dataset] = roc_points(labels, probabilities) if images else None
+            log.info("%s on %s: n %d acc %s mcc %s auc %s ap %s, %.1f ms/image", name, dataset, metrics["n"],
+                     metrics["accuracy"], metrics["mcc"], metrics["auc"], metrics["ap"], ms)  # fmt: skip
+            if args.robustness_rows and images and sweeps:
+                entry["robustness"][dataset] = _robustness(
+                    detector, images, labels, args.robustness_rows, sweeps, args.batch_size, args.seed
+                )
+                log.info("%s on %s: robustness sweeps %s done on %d images", name, dataset, ",".join(sweeps),
+                         min(len(images), args.robustness_rows))  # fmt: skip
+        results["detectors"][name] = entry
+    return {"results": results, "roc": roc}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        log.error("--batch-size must be >= 1, got %d", args.batch_size)
+        return 2
+    try:
+        outcome = evaluate(args)
+    except (ConfigError, DataError) as exc:
+        log.error("%s", exc)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_json(outcome["results"], out), write_markdown(outcome["results"], out)]
+    written += write_plots(outcome["results"], outcome["roc"], out)
+    log.info("wrote %s", ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`bitmind-train`: the training loop, datasets and augmentation for every torch detector."""
