@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Seconds the validator waits for a miner's answer.",
     )
     parser.add_argument(
+        "--augment-probs",
+        default="0:0.5,1:0.5",
+        help="Validator augmentation levels (--validator.augment_probs). The shipped sample images are 32x32 CIFAKE "
+        "photos; levels 2-3 (JPEG, noise, blur on an 8x up-scaled image) leave little any detector can see, so the "
+        "demo uses levels 0-1; pass 0:0.1,1:0.3,2:0.3,3:0.3 for the validator's default.",
+    )
+    parser.add_argument(
         "--startup-timeout",
         type=_number(float, 0, strict=True),
         default=300.0,
@@ -610,7 +617,8 @@ class Localnet:
             "--neuron.epoch_length", str(args.epoch_length), "--neuron.step_interval", str(args.step_interval),
             "--neuron.sync_interval", "10", "--validator.external_ip", LOOPBACK,
             "--validator.real_datasets", "packaged", "--validator.real_cache", str(self.workdir / "validator_real"),
-            "--validator.synthetic_cache", str(self.synthetic_cache), *self._seed_flag("validator"),
+            "--validator.synthetic_cache", str(self.synthetic_cache), "--validator.augment_probs", args.augment_probs,
+            *self._seed_flag("validator"),
         ]
         child = self._start(Child("validator", "validator", argv, self.logs / "validator.log"))
         self._wait(lambda: self._read_state() is not None, "the validator's first scored challenge", child)

@@ -255,6 +255,18 @@ class Validator:
         except Exception:  # noqa: BLE001
             log.exception("could not request weight setting")
 
+    def _prefill(self, wanted: int, budget_s: float = 60.0) -> None:
+        """Fill the real cache up to `wanted` images before the first step (bounded in time), so the first real
+        challenges are not all drawn from the first handful of cached images."""
+        deadline = time.monotonic() + budget_s
+        added = 0
+        while len(self.real_source) < wanted and time.monotonic() < deadline and not self.stop_event.is_set():
+            round_added = self.real_source.fill_round()
+            added += round_added
+            if not round_added:
+                break
+        log.info("real-image cache: %d images (%d added before the first step)", len(self.real_source), added)
+
     # --- loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Step until `stop()` or `--neuron.max_steps` completed steps; always releases everything at the end."""
@@ -262,10 +274,7 @@ class Validator:
         max_steps = int(self.config.neuron.max_steps)
         try:
             if self.real_source is not None:
-                # One bounded fill round first: otherwise the first steps, issued while the cache is empty, could
-                # only be fakes (a fake wanted with no real image cached is skipped, a real wanted is not).
-                added = self.real_source.fill_round()
-                log.info("real-image cache: %d images (%d added at start)", len(self.real_source), added)
+                self._prefill(int(self.config.validator.prefill_images))
                 self.real_source.start()
             self.weight_setter.start()
             while not self.stop_event.is_set():

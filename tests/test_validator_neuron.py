@@ -124,6 +124,17 @@ def test_flag_reaches_the_code(subnet, tmp_path, spies, flag, value, check):
         made.close()
 
 
+@pytest.mark.parametrize("wanted", [0, 20])
+def test_prefill_fills_the_real_cache_before_the_first_step(subnet, tmp_path, wanted):
+    made = make_validator(subnet, tmp_path, "--validator.real_datasets", "packaged",
+                          "--validator.prefill_images", str(wanted))
+    try:
+        made._prefill(made.config.validator.prefill_images)
+        assert len(made.real_source) == 0 if wanted == 0 else len(made.real_source) >= wanted
+    finally:
+        made.close()
+
+
 def test_metrics_port_flag_serves_metrics(subnet, tmp_path):
     port = free_port()
     made = make_validator(subnet, tmp_path, "--neuron.metrics_port", str(port))

@@ -84,6 +84,9 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
         help="Folder where real images are cached by the background filler.")
     add("--validator.real_cache_max_gb", type=float, default=10.0,
         help="Size cap of the real-image cache (split evenly between the datasets); oldest images go first.")
+    add("--validator.prefill_images", type=int, default=32,
+        help="Before the first step, fill the real-image cache up to this many images (at most 60 s), so early "
+        "real challenges are not drawn from a handful of images.")
     add("--validator.synthetic_cache", type=str, default=str(DEFAULT_HOME / "validator" / "synthetic_cache"),
         help="Folder of the synthetic-image cache the generator writes (read only here); empty: real challenges only.")
     add("--validator.augment_probs", type=str,
@@ -109,6 +112,8 @@ def check_forward_config(config: Any) -> list[str]:
         problems.append(f"--validator.fake_prob must be in [0, 1], got {validator.fake_prob}")
     if not 1 <= validator.jpeg_quality <= 100:
         problems.append(f"--validator.jpeg_quality must be in 1..100, got {validator.jpeg_quality}")
+    if validator.prefill_images < 0:
+        problems.append(f"--validator.prefill_images must be >= 0, got {validator.prefill_images}")
     if not (math.isfinite(validator.real_cache_max_gb) and validator.real_cache_max_gb > 0):
         problems.append(f"--validator.real_cache_max_gb must be positive, got {validator.real_cache_max_gb}")
     try:
