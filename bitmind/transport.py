@@ -275,6 +275,7 @@ class ValidatorClient:
         with mock.patch.object(networking, "get_external_ip", return_value=ip):
             self._dendrite = bt.Dendrite(wallet=wallet)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0
 
     @property
     def hotkey(self) -> str:
@@ -293,14 +294,20 @@ class ValidatorClient:
             self._dendrite.call(axon, ImageSynapse(image=image), timeout=timeout, deserialize=False)
             for axon, image in zip(axons, images)
         )
-        # A fresh HTTP session per fan-out: miners drop idle keep-alive connections, and a reused stale one fails
-        # with ServerDisconnected; aiohttp's default pool of 100 connections would also cap a 256-miner fan-out.
-        self._dendrite._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # A fresh HTTP session per burst of queries: miners drop idle keep-alive connections, and a reused stale one
+        # fails with ServerDisconnected; aiohttp's default pool of 100 connections would also cap a 256-miner
+        # fan-out. Concurrent `query` calls share the session; the last one to finish closes it.
+        if self._in_flight == 0:
+            await self._dendrite.aclose_session()
+            self._dendrite._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._in_flight += 1
         try:
             results = await asyncio.gather(*calls, return_exceptions=True)
         finally:
-            await self._dendrite.aclose_session()
-            self._dendrite.synapse_history.clear()  # the Dendrite keeps every call otherwise: unbounded memory
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                await self._dendrite.aclose_session()
+                self._dendrite.synapse_history.clear()  # the Dendrite keeps every call otherwise: unbounded memory
         return [_to_response(result, timeout) for result in results]
 
     def query_sync(self, axons: list[bt.AxonInfo], images: list[str] | str, timeout: float) -> list[Response]:

@@ -25,13 +25,16 @@ SLOW_SECONDS = 1.0
 
 
 class RecordingForward:
-    """A miner forward that records the images it saw; "boom" raises, "slow" sleeps."""
+    """A miner forward that records the images it saw; "boom" raises, "slow" sleeps; `delay` staggers answers
+    (0, 1 or 2 times `delay`, in turn)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
         self.images: list[str] = []
         self.callers: list[str | None] = []
 
     async def __call__(self, synapse: ImageSynapse) -> ImageSynapse:
+        await asyncio.sleep(self.delay * (len(self.images) % 3))
         self.images.append(synapse.image)
         self.callers.append(synapse.dendrite.hotkey)
         if synapse.image == "boom":
@@ -272,6 +275,25 @@ def test_concurrent_queries_all_answered(serve, client):
     assert [answer.status for answer in answers] == [200] * 20
     assert sorted(forward.images) == sorted(f"{IMAGE}{i}" for i in range(20))
     assert client._dendrite.synapse_history == []  # bittensor would keep every call forever
+
+
+def test_overlapping_query_calls_on_one_client_share_the_session_safely(serve, client):
+    """Several `query` coroutines in flight at once on one client (a miner benchmark, a busy validator): the
+    first to finish must not close the HTTP session under the others."""
+    server = serve(RecordingForward(delay=0.05))
+    axon = server.info()
+
+    async def burst():
+        return await asyncio.gather(*(client.query([axon], f"{IMAGE}{i}", timeout=10.0) for i in range(12)))
+
+    loop = asyncio.new_event_loop()
+    try:
+        results = loop.run_until_complete(burst())
+        assert [answer.status for [answer] in results] == [200] * 12
+        assert client._in_flight == 0 and client._dendrite._session is None
+        loop.run_until_complete(client.aclose())
+    finally:
+        loop.close()
 
 
 def test_start_on_taken_port_raises(wallets):
