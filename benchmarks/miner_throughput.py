@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bitmind.chain.local import LocalChain
     from bitmind.image_codec import encode_image
-    from tests._wallets import free_port, make_wallet
+    from bitmind.dev_wallets import free_port, make_wallet
 
     levels = [int(c) for c in args.concurrency.split(",")]
     images = challenge_images(64)

@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,32 +30,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import bittensor as bt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bitmind.chain.local import LocalChain  # noqa: E402
 from bitmind.config import build_config  # noqa: E402
+from bitmind.dev_wallets import free_port, make_wallet  # noqa: E402
 from neurons.validator import Validator, build_parser  # noqa: E402
 from validator.challenges import ImageCache, RealImageSource  # noqa: E402
-from validator.forward import parse_dataset_list  # noqa: E402
+from validator.challenges import parse_dataset_list  # noqa: E402
 
 PHASES = ("sampling", "augmentation", "encoding", "querying", "scoring", "persistence")
 VALIDATOR_STAKE = 100.0
 LOOPBACK = "127.0.0.1"
-
-
-def make_wallet(root: Path, name: str) -> bt.Wallet:
-    """A password-less wallet whose keys derive from `name`."""
-    wallet = bt.Wallet(name=name, hotkey="default", path=str(root))
-    wallet.create_coldkey_from_uri(f"//{name}-coldkey", use_password=False, overwrite=True, suppress=True)
-    wallet.create_hotkey_from_uri(f"//{name}-hotkey", use_password=False, overwrite=True, suppress=True)
-    return wallet
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 # --- miner worker process -------------------------------------------------------------------------------------

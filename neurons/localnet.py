@@ -39,12 +39,12 @@ from typing import IO, Any
 
 os.environ.setdefault("READ_ONLY", "1")  # before bittensor is imported: the orchestrator writes nothing home
 
-import bittensor as bt  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from base_miner.registry import ConfigError, load_config  # noqa: E402
 from bitmind.chain.base import ChainError  # noqa: E402
 from bitmind.chain.local import LocalChain  # noqa: E402
+from bitmind.dev_wallets import make_wallet  # noqa: E402
 from neurons.localnet_leaderboard import (  # noqa: E402
     Leaderboard,
     MinerInfo,
@@ -397,14 +397,6 @@ def parse_miners(text: str) -> list[MinerSpec]:
             label = entry
         specs.append(MinerSpec(index, entry, label, f"localnet-miner{index}"))
     return specs
-
-
-def make_wallet(root: Path, name: str) -> bt.Wallet:
-    """A password-less wallet whose keys derive from `name` (a local demo: the keys guard nothing of value)."""
-    wallet = bt.Wallet(name=name, hotkey="default", path=str(root))
-    wallet.create_coldkey_from_uri(f"//{name}-coldkey", use_password=False, overwrite=True, suppress=True)
-    wallet.create_hotkey_from_uri(f"//{name}-hotkey", use_password=False, overwrite=True, suppress=True)
-    return wallet
 
 
 def fake_sample_dir(override: Path | None) -> Path | None:

@@ -12,7 +12,6 @@ Usage in a test module::
 """
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,22 +20,9 @@ os.environ.setdefault("READ_ONLY", "1")
 import bittensor as bt  # noqa: E402
 import pytest  # noqa: E402
 
+from bitmind.dev_wallets import free_port, make_wallet  # noqa: E402,F401 - re-exported for test modules
+
 LOOPBACK = "127.0.0.1"
-
-
-def make_wallet(root: Path | str, name: str) -> bt.Wallet:
-    """A password-less wallet under `root` whose keys derive from `name` (same name, same keys; fast, no mnemonic)."""
-    wallet = bt.Wallet(name=name, hotkey="default", path=str(root))
-    wallet.create_coldkey_from_uri(f"//{name}-coldkey", use_password=False, overwrite=True, suppress=True)
-    wallet.create_hotkey_from_uri(f"//{name}-hotkey", use_password=False, overwrite=True, suppress=True)
-    return wallet
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (on every interface, as uvicorn binds 0.0.0.0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
