@@ -6,13 +6,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from bitmind.chain.local import LocalChain
 from bitmind.config import build_config
 from bitmind.image_codec import encode_image
 from bitmind.transport import ValidatorClient
-from neurons.miner import Miner, build_parser
+from neurons.miner import Miner, build_parser, cpu_threads
 from tests._wallets import LOOPBACK, free_port, make_wallet
 
 
@@ -39,6 +40,7 @@ class MinerHarness:
             "--neuron.watchdog_timeout", "0",
         ] + (extra or [])
         self.config = build_config(build_parser(), argv)
+        self.torch_threads = torch.get_num_threads()  # the miner sets them for its process; restore for later tests
         self.miner = Miner(self.config)
         self.thread = threading.Thread(target=self.miner.run, daemon=True)
 
@@ -52,6 +54,7 @@ class MinerHarness:
     def __exit__(self, *exc: object) -> None:
         self.miner.stop()
         self.thread.join(timeout=20)
+        torch.set_num_threads(self.torch_threads)
         assert not self.thread.is_alive(), "miner did not shut down"
 
     def axon(self):
@@ -131,3 +134,20 @@ def test_detector_flag_and_batching_flags_reach_the_miner(tmp_path):
         assert running.miner.detector.registry_name == "baseline"
         assert running.miner.batcher.batch_size == 4 and running.miner.batcher.max_wait == pytest.approx(0.007)
         assert running.query(running.validator_wallet, [_image(0)])[0].prediction == pytest.approx(0.5)
+
+
+def test_torch_threads_flag_reaches_torch(tmp_path):
+    with MinerHarness(tmp_path, detector="baseline", extra=["--miner.torch_threads", "3"]) as running:
+        assert torch.get_num_threads() == 3
+        assert running.query(running.validator_wallet, [_image(0)])[0].status == 200
+
+
+def test_cpu_threads_leave_a_core_for_request_handling(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cpu_threads(0, "cpu") == 7
+    assert cpu_threads(0, "cuda:0") == 0  # torch's default on GPU
+    assert cpu_threads(2, "cpu") == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert cpu_threads(0, "cpu") == 1
+    with pytest.raises(SystemExit, match="torch_threads"):
+        cpu_threads(-1, "cpu")
