@@ -176,35 +176,30 @@ def main(argv: list[str] | None = None) -> int:
     miner, validator, reference = (make_wallet(work / "wallets", n) for n in ("miner", "validator", "reference"))
     for wallet, stake in ((miner, 0.0), (validator, 1000.0)):
         chain.register_hotkey(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address, stake=stake)
-    rows = []
-    port = free_port()
-    ours = subprocess.Popen(
-        [sys.executable, "-m", "neurons.miner", "--chain", "local", "--chain.path", str(work / "chain.sqlite"),
-         "--wallet.path", str(work / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
-         "--axon.ip", LOOPBACK, "--axon.port", str(port), "--axon.external_ip", LOOPBACK,
-         "--neuron.detector", args.detector, "--neuron.device", "cpu", "--neuron.state_dir", str(work / "state"),
-         "--miner.batch_size", str(args.batch_size), "--neuron.watchdog_timeout", "0"],
-        stdout=open(work / "miner.log", "w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        rows += asyncio.run(measure_server("ours", ours, port, validator, miner.hotkey.ss58_address,
-                                           miner.coldkeypub.ss58_address, payloads, levels, args.timeout))
-    finally:
-        ours.terminate()
-        ours.wait(timeout=30)
-    if not args.skip_reference:
+    def serve_and_measure(label: str, wallet, argv: list[str]) -> list[tuple]:
+        """Start a server process (`argv` + its port), load it at every level, stop it."""
         port = free_port()
-        ref = subprocess.Popen(
-            [sys.executable, __file__, "--serve-reference", "--detector", args.detector, "--port", str(port),
-             "--wallets", str(work / "wallets")],
-            stdout=open(work / "reference.log", "w"), stderr=subprocess.STDOUT,
-        )
-        try:
-            rows += asyncio.run(measure_server("reference-style", ref, port, validator, reference.hotkey.ss58_address,
-                                               reference.coldkeypub.ss58_address, payloads, levels, args.timeout))
-        finally:
-            ref.terminate()
-            ref.wait(timeout=30)
+        with open(work / f"{label}.log", "w") as log_file:
+            process = subprocess.Popen(argv + [str(port)], stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                return asyncio.run(measure_server(label, process, port, validator, wallet.hotkey.ss58_address,
+                                                  wallet.coldkeypub.ss58_address, payloads, levels, args.timeout))
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+
+    rows = serve_and_measure("ours", miner, [
+        sys.executable, "-m", "neurons.miner", "--chain", "local", "--chain.path", str(work / "chain.sqlite"),
+        "--wallet.path", str(work / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
+        "--axon.ip", LOOPBACK, "--axon.external_ip", LOOPBACK, "--neuron.detector", args.detector,
+        "--neuron.device", "cpu", "--neuron.state_dir", str(work / "state"), "--miner.batch_size",
+        str(args.batch_size), "--neuron.watchdog_timeout", "0", "--axon.port",
+    ])
+    if not args.skip_reference:
+        rows += serve_and_measure("reference-style", reference, [
+            sys.executable, __file__, "--serve-reference", "--detector", args.detector,
+            "--wallets", str(work / "wallets"), "--port",
+        ])
     print(f"\n| server | C | p50 ms | p99 ms | images/s | failed | vs best in-process ({best:.1f} img/s) |")
     print("|---|---|---|---|---|---|---|")
     for label, concurrency, p50, p99, rate, failed in rows:

@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("READ_ONLY", "0")
-
-import bittensor as bt  # noqa: E402
+import bittensor as bt
 
 __all__ = [
     "DEFAULT_NETUID",
