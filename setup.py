@@ -37,6 +37,9 @@ INSTALL_REQUIRES = [
     "psutil>=5.9",
     # 4-bit loading of the prompt LLM on GPU validators; its wheels exist for x86-64 Linux only.
     "bitsandbytes>=0.45; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    # uvicorn's compiled HTTP parser and event loop under the miner's Axon (bittensor defaults to h11 + asyncio).
+    "httptools>=0.6",
+    "uvloop>=0.19; sys_platform != 'win32'",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,16 +1,20 @@
 """Micro-batching between the miner's event loop and the detector.
 
 Requests are collected for up to `max_wait_ms` (or until `batch_size` are waiting), decoded and predicted in ONE
-forward pass on a dedicated worker thread, so the Axon's event loop keeps accepting requests while the model works.
+forward pass on a worker thread, so the Axon's event loop keeps accepting requests while the model works.
+With `workers` > 1, that many batches run at once (torch and PIL release the GIL): on a CPU, one single-threaded
+batch per core beats one batch spread over all cores, whose threads stall whenever request handling takes a core.
+Waiting requests are served highest priority first (the miner passes the caller's stake), oldest first among equals.
 A payload that fails to decode, or an image the detector chokes on, fails alone: the rest of its batch is answered.
 """
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -37,15 +41,20 @@ class BatchResult:
     batch_size: int = 0
 
 
-@dataclass
+@dataclass(order=True)
 class _Pending:
-    payload: str
-    future: asyncio.Future
-    enqueued: float
+    rank: tuple[float, int]  # (-priority, arrival number): the priority queue pops the smallest
+    payload: str = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False)
 
 
 class MicroBatcher:
-    """Turns concurrent `submit(payload)` calls into batched `predict_fn(images)` calls on one worker thread."""
+    """Turns concurrent `submit(payload)` calls into batched `predict_fn(images)` calls on `workers` threads.
+
+    `predict_fn` must be safe to call from several threads at once when `workers` > 1 (inference-only torch
+    modules are; the face gate locks its dlib models).
+    """
 
     def __init__(
         self,
@@ -55,30 +64,33 @@ class MicroBatcher:
         max_queue: int = 256,
         max_age_s: float = 8.0,
         limits: DecodeLimits = DecodeLimits(),
+        workers: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_wait_ms < 0 or max_queue < 1 or max_age_s <= 0:
-            raise ValueError("max_wait_ms must be >= 0, max_queue >= 1 and max_age_s > 0")
+        if max_wait_ms < 0 or max_queue < 1 or max_age_s <= 0 or workers < 1:
+            raise ValueError("max_wait_ms must be >= 0, max_queue >= 1, max_age_s > 0 and workers >= 1")
         self.predict_fn = predict_fn
         self.batch_size = batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_age_s = max_age_s
         self.limits = limits
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
+        self._queue: asyncio.PriorityQueue[_Pending] | None = None
+        self._arrivals = itertools.count()
+        self.workers = workers
+        self._tasks: list[asyncio.Task] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="detector")
 
-    async def submit(self, payload: str) -> BatchResult:
-        """Queue one base64 image and wait for its answer."""
-        if self._task is None:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    async def submit(self, payload: str, priority: float = 0.0) -> BatchResult:
+        """Queue one base64 image and wait for its answer; higher `priority` is served sooner."""
+        if not self._tasks:
+            self._queue = asyncio.PriorityQueue()
+            self._tasks = [asyncio.get_running_loop().create_task(self._run()) for _ in range(self.workers)]
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} requests already waiting")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(payload, future, time.perf_counter()))
+        await self._queue.put(_Pending((-priority, next(self._arrivals)), payload, future, time.perf_counter()))
         return await future
 
     async def _run(self) -> None:
@@ -150,11 +162,11 @@ class MicroBatcher:
         return predictions
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
-            self._task = None
+        self._tasks = []
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -3,8 +3,12 @@
 Miner side, `MinerServer` serves `ImageSynapse` on a `bt.Axon`. Every request passes, in order:
 1. our guard, before anything reads the body: a missing Content-Length answers 411, one above the limit 413, and a
    caller hotkey that `blacklist` refuses 403 (quietly: bittensor's own blacklist path logs every refusal as an ERROR);
-2. bittensor's default signature and nonce check (401) and its body-hash check; `priority`;
+2. bittensor's default signature and nonce check (401) and its body-hash check;
 3. `forward`; one that raises or returns garbage answers 500 with one log line, and the server keeps serving.
+The Axon's uvicorn runs on uvloop with the httptools parser when they are installed (bittensor picks asyncio and the
+pure-Python h11), on a thread of ours: bittensor's runner thread polls a flag every millisecond, which costs every
+request some GIL. No `priority_fn` is attached: bittensor 10.5 only sends each request's priority through a thread
+pool and back without ordering anything; the miner orders its own queue by caller stake instead.
 
 Validator side, `ValidatorClient` queries many miners in parallel over one `bt.Dendrite` and returns one `Response`
 per miner; a hostile or dead miner yields a status, never an exception.
@@ -13,8 +17,10 @@ No `from __future__ import annotations` here: bittensor's `attach` compares real
 """
 
 import asyncio
+import importlib.util
 import logging
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,10 +30,10 @@ import aiohttp
 import bittensor as bt
 import bittensor.utils.networking as networking
 from bittensor.core.synapse import TerminalInfo
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.responses import Response as HTTPResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bitmind.protocol import ImageSynapse
 
@@ -48,7 +54,6 @@ _HOTKEY_HEADER = "bt_header_dendrite_hotkey"
 
 Forward = Callable[[ImageSynapse], Awaitable[ImageSynapse]]
 Blacklist = Callable[[str | None], tuple[bool, str]]
-Priority = Callable[[str | None], float]
 
 
 def lookup_external_ip(fallback: str = "127.0.0.1") -> str:
@@ -89,13 +94,37 @@ def _reject(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"message": message})
 
 
+def uvicorn_stack() -> dict[str, str]:
+    """uvicorn's `http` and `loop` settings: the compiled ones when installed, else the pure-Python defaults."""
+    return {
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+    }
+
+
+class _RequestGuard:
+    """Plain ASGI middleware (starlette's BaseHTTPMiddleware copies every request through extra tasks and streams):
+    answers `refuse(headers)`'s response, when it gives one, before anything reads the body."""
+
+    def __init__(self, app: ASGIApp, refuse: Callable[[Headers], JSONResponse | None]) -> None:
+        self.app = app
+        self.refuse = refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refuse(Headers(scope=scope)) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+
 class MinerServer:
     """Serves `ImageSynapse` on a `bt.Axon` bound to `ip:port` (see the module docstring for the request path).
 
     `forward` is `async (ImageSynapse) -> ImageSynapse`; run CPU/GPU work off the event loop inside it. It sees the
     verified caller hotkey in `synapse.dendrite.hotkey`.
-    `blacklist(hotkey) -> (refuse, reason)` and `priority(hotkey) -> float` decide by the caller hotkey alone
-    (None when the caller sent none). `external_ip` is what `info()` advertises (looked up when None).
+    `blacklist(hotkey) -> (refuse, reason)` decides by the caller hotkey alone (None when the caller sent none).
+    `external_ip` is what `info()` advertises (looked up when None).
     One instance serves once: `start()`, then `stop()`.
     """
 
@@ -105,7 +134,6 @@ class MinerServer:
         port: int,
         forward: Forward,
         blacklist: Blacklist | None = None,
-        priority: Priority | None = None,
         *,
         ip: str = "127.0.0.1",
         external_ip: str | None = None,
@@ -121,6 +149,7 @@ class MinerServer:
         self._forward = forward
         self._blacklist = blacklist
         self._start_timeout = start_timeout
+        self._thread: threading.Thread | None = None
         self.axon = bt.Axon(
             wallet=wallet,
             port=port,
@@ -130,21 +159,19 @@ class MinerServer:
         )
         # bt.Axon tells uvicorn to bind 0.0.0.0 whatever its ip says; honour ours.
         self.axon.fast_config.host = self.ip
+        for setting, value in uvicorn_stack().items():
+            setattr(self.axon.fast_config, setting, value)
         # Added last, so it runs first: nothing below it has read the body yet.
-        self.axon.app.add_middleware(BaseHTTPMiddleware, dispatch=self._guard)
+        self.axon.app.add_middleware(_RequestGuard, refuse=self._refusal)
 
-        # attach() demands these signatures: first parameter `synapse: ImageSynapse`; priority returns float.
-        # FastAPI fills in `request`.
+        # attach() demands this signature: first parameter `synapse: ImageSynapse`. FastAPI fills in `request`.
         async def forward_fn(synapse: ImageSynapse, request: Request) -> ImageSynapse:
             # The body's copy of the caller is not covered by the signature; the header's hotkey was verified.
             synapse.dendrite = synapse.dendrite or TerminalInfo()
             synapse.dendrite.hotkey = request.headers.get(_HOTKEY_HEADER)
             return await self._answer(synapse)
 
-        def priority_fn(synapse: ImageSynapse) -> float:
-            return float(priority(synapse.dendrite.hotkey if synapse.dendrite else None))
-
-        self.axon.attach(forward_fn=forward_fn, priority_fn=priority_fn if priority else None)
+        self.axon.attach(forward_fn=forward_fn)
 
     @property
     def hotkey(self) -> str:
@@ -157,29 +184,34 @@ class MinerServer:
     def start(self) -> "MinerServer":
         """Start serving; raise RuntimeError when the port is taken or the server does not answer in time."""
         _ensure_port_free(self.ip, self.port)
-        self.axon.start()
         server = self.axon.fast_server
+        self._thread = threading.Thread(target=server.run, name=f"axon-{self.port}", daemon=True)
+        self._thread.start()
+        self.axon.started = True
         deadline = time.monotonic() + self._start_timeout
         while not (server.started and _port_answers(_connect_host(self.ip), self.port)):
-            if time.monotonic() > deadline:
-                # When uvicorn fails to bind, bittensor's runner thread waits for `started` forever: release it.
-                self.axon.stop()
-                server.started = True
+            if not self._thread.is_alive() or time.monotonic() > deadline:  # uvicorn exits its thread on a bind error
+                self.stop(timeout=1.0)
                 raise RuntimeError(f"axon did not answer on {self.ip}:{self.port} within {self._start_timeout:.0f} s")
             time.sleep(0.01)
         logger.info(
-            "serving ImageSynapse on %s:%d hotkey=%s max_request=%d B",
+            "serving ImageSynapse on %s:%d hotkey=%s max_request=%d B http=%s loop=%s",
             self.ip,
             self.port,
             self.hotkey,
             self.max_request_bytes,
+            self.axon.fast_config.http,
+            self.axon.fast_config.loop,
         )
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and wait (at most `timeout` s) until the port no longer answers."""
-        self.axon.stop()
+        """Stop serving and wait (at most `timeout` s) until the server thread ends and the port no longer answers."""
+        self.axon.fast_server.should_exit = True
+        self.axon.started = False
         deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(timeout)
         while _port_answers(_connect_host(self.ip), self.port) and time.monotonic() < deadline:
             time.sleep(0.01)
         logger.info("stopped serving on %s:%d", self.ip, self.port)
@@ -190,25 +222,26 @@ class MinerServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    async def _guard(self, request: Request, call_next: RequestResponseEndpoint) -> HTTPResponse:
-        """Size limit and blacklist, decided from headers before the body is read."""
-        length = request.headers.get("content-length", "")
+    def _refusal(self, headers: Headers) -> JSONResponse | None:
+        """Size limit and blacklist, decided from headers before the body is read; None lets the request on."""
+        length = headers.get("content-length", "")
         if not (length.isascii() and length.isdigit()):
             return _reject(411, "Content-Length required")
-        hotkey = request.headers.get(_HOTKEY_HEADER)
+        hotkey = headers.get(_HOTKEY_HEADER)
         if int(length) > self.max_request_bytes:
             logger.warning("refused %s B request from %s: limit %d B", length, hotkey, self.max_request_bytes)
             return _reject(413, f"request body of {length} B exceeds the limit of {self.max_request_bytes} B")
-        if self._blacklist is not None:
-            try:
-                refused, reason = self._blacklist(hotkey)
-            except Exception as exc:
-                logger.error("blacklist failed for %s: %s: %s", hotkey, type(exc).__name__, exc)
-                return _reject(500, "Internal Server Error")
-            if refused:
-                logger.debug("blacklisted %s: %s", hotkey, reason)
-                return _reject(403, f"Forbidden: {reason}")
-        return await call_next(request)
+        if self._blacklist is None:
+            return None
+        try:
+            refused, reason = self._blacklist(hotkey)
+        except Exception as exc:
+            logger.error("blacklist failed for %s: %s: %s", hotkey, type(exc).__name__, exc)
+            return _reject(500, "Internal Server Error")
+        if refused:
+            logger.debug("blacklisted %s: %s", hotkey, reason)
+            return _reject(403, f"Forbidden: {reason}")
+        return None
 
     async def _answer(self, synapse: ImageSynapse) -> ImageSynapse:
         """Run `forward`; a failure becomes a 500 answer and one log line instead of a stack trace."""

@@ -557,6 +557,7 @@ class Localnet:
                 "--wallet.path", str(self.wallets), "--wallet.name", spec.wallet_name, "--wallet.hotkey", "default",
                 "--axon.ip", LOOPBACK, "--axon.port", str(port), "--axon.external_ip", LOOPBACK,
                 "--neuron.detector", spec.detector, "--neuron.device", "cpu", "--miner.torch_threads", "1",
+                "--miner.workers", "1",  # three miners already share the cores
                 "--neuron.state_dir", str(self.workdir / name), "--neuron.sync_interval", "10",
             ]
             extra = {"uid": info.uid, "hotkey": info.hotkey, "detector": spec.label, "port": port}

@@ -136,7 +136,52 @@ def test_stale_requests_are_dropped_not_computed():
     assert sum(detector.batches) < 3
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0}, {"max_age_s": 0}])
+def test_waiting_requests_are_served_by_priority_then_arrival():
+    detector = RecordingDetector(delay=0.05)
+    seen: list[int] = []
+
+    def predict(images):
+        seen.extend(round(np.asarray(image).mean()) for image in images)
+        return detector(images)
+
+    async def main():
+        batcher = MicroBatcher(predict, batch_size=1, max_wait_ms=0)
+        first = asyncio.create_task(batcher.submit(_payload(1)))  # occupies the worker while the rest queue up
+        await asyncio.sleep(0.02)
+        rest = [
+            asyncio.create_task(batcher.submit(_payload(value), priority=stake))
+            for value, stake in ((10, 0.0), (20, 50.0), (30, 0.0), (40, 900.0), (50, 50.0))
+        ]
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+
+    _run(main())
+    assert seen == [1, 40, 20, 50, 10, 30]
+
+
+def test_workers_predict_batches_at_the_same_time():
+    # Each call waits until another call is inside predict too: one worker alone would break the barrier.
+    barrier = threading.Barrier(2, timeout=5)
+    detector = RecordingDetector()
+
+    def predict(images):
+        barrier.wait()
+        return detector(images)
+
+    async def main():
+        batcher = MicroBatcher(predict, batch_size=2, max_wait_ms=0, workers=2)
+        results = await asyncio.gather(*(batcher.submit(_payload(v)) for v in (10, 20, 30, 40)))
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert [r.prediction.probability for r in results] == pytest.approx([v / 255 for v in (10, 20, 30, 40)])
+    assert len(detector.thread_names) == 2 and not barrier.broken
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0}, {"max_age_s": 0}, {"workers": 0}]
+)
 def test_invalid_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         MicroBatcher(RecordingDetector(), **kwargs)

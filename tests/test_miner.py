@@ -1,6 +1,5 @@
 """The miner process end to end on 127.0.0.1: a LocalChain, real wallets, a real Axon and Dendrite."""
 
-import asyncio
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from bitmind.chain.local import LocalChain
 from bitmind.config import build_config
 from bitmind.image_codec import encode_image
 from bitmind.transport import ValidatorClient
-from neurons.miner import Miner, build_parser, cpu_threads
+from neurons.miner import Miner, build_parser, worker_layout
 from tests._wallets import LOOPBACK, free_port, make_wallet
 
 
@@ -104,6 +103,20 @@ def test_fifty_concurrent_queries_are_all_answered(harness):
     assert all(0.0 <= r.prediction <= 1.0 for r in responses)
 
 
+def test_caller_stake_is_the_queue_priority(harness, monkeypatch):
+    priorities = []
+    submit = harness.miner.batcher.submit
+
+    async def recording_submit(payload, priority=0.0):
+        priorities.append(priority)
+        return await submit(payload, priority)
+
+    monkeypatch.setattr(harness.miner.batcher, "submit", recording_submit)
+    assert harness.query(harness.validator_wallet, [_image(0)])[0].status == 200
+    assert harness.query(harness.other_miner_wallet, [_image(0)])[0].status == 200
+    assert priorities == [1000.0, 0.0]
+
+
 def test_force_validator_permit_refuses_miners(tmp_path):
     with MinerHarness(tmp_path, extra=["--blacklist.force_validator_permit"]) as running:
         assert running.query(running.other_miner_wallet, [_image(0)])[0].status == 403
@@ -136,18 +149,29 @@ def test_detector_flag_and_batching_flags_reach_the_miner(tmp_path):
         assert running.query(running.validator_wallet, [_image(0)])[0].prediction == pytest.approx(0.5)
 
 
-def test_torch_threads_flag_reaches_torch(tmp_path):
-    with MinerHarness(tmp_path, detector="baseline", extra=["--miner.torch_threads", "3"]) as running:
+def test_worker_and_thread_flags_reach_torch_and_the_batcher(tmp_path):
+    with MinerHarness(tmp_path, detector="baseline", extra=["--miner.torch_threads", "3", "--miner.workers", "2"]) as running:
         assert torch.get_num_threads() == 3
+        assert running.miner.batcher.workers == 2
         assert running.query(running.validator_wallet, [_image(0)])[0].status == 200
 
 
-def test_cpu_threads_leave_a_core_for_request_handling(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert cpu_threads(0, "cpu") == 7
-    assert cpu_threads(0, "cuda:0") == 0  # torch's default on GPU
-    assert cpu_threads(2, "cpu") == 2
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
-    assert cpu_threads(0, "cpu") == 1
-    with pytest.raises(SystemExit, match="torch_threads"):
-        cpu_threads(-1, "cpu")
+def test_cpu_layout_is_one_single_threaded_worker_per_core():
+    assert worker_layout(0, 0, "cpu", cores=2) == (2, 1)
+    assert worker_layout(0, 0, "cpu", cores=16) == (16, 1)
+    # fewer workers share all cores but one
+    assert worker_layout(1, 0, "cpu", cores=8) == (1, 7)
+    assert worker_layout(4, 0, "cpu", cores=16) == (4, 3)
+    assert worker_layout(0, 0, "cpu", cores=1) == (1, 1)
+    assert worker_layout(3, 2, "cpu", cores=2) == (3, 2)  # explicit settings win
+
+
+def test_gpu_layout_is_one_worker_and_torch_default_threads():
+    assert worker_layout(0, 0, "cuda:0", cores=16) == (1, 0)
+    assert worker_layout(2, 4, "cuda", cores=16) == (2, 4)
+
+
+@pytest.mark.parametrize("workers, threads", [(-1, 0), (0, -1)])
+def test_negative_layout_is_refused(workers, threads):
+    with pytest.raises(SystemExit, match="--miner.workers and --miner.torch_threads"):
+        worker_layout(workers, threads, "cpu", cores=2)

@@ -324,6 +324,20 @@ def test_start_detects_uvicorn_bind_failure_and_frees_its_thread(wallets, monkey
     assert threading.active_count() <= threads_before
 
 
+def test_server_runs_on_the_compiled_http_stack(serve, client):
+    server = serve(RecordingForward())
+    assert (server.axon.fast_config.http, server.axon.fast_config.loop) == ("httptools", "uvloop")
+    assert client.query_sync([server.info()], IMAGE, timeout=5.0)[0].prediction == PREDICTION
+
+
+def test_server_falls_back_to_pure_python_http_stack(serve, client, monkeypatch):
+    # A platform without the httptools / uvloop wheels still serves, on h11 and asyncio.
+    monkeypatch.setattr(transport.importlib.util, "find_spec", lambda name: None)
+    server = serve(RecordingForward())
+    assert (server.axon.fast_config.http, server.axon.fast_config.loop) == ("h11", "asyncio")
+    assert client.query_sync([server.info()], IMAGE, timeout=5.0)[0].prediction == PREDICTION
+
+
 def test_stop_releases_port(serve, client):
     server = serve(RecordingForward())
     server.stop()
