@@ -2,8 +2,8 @@
 
 Prints, for one detector config:
   1. the detector's own in-process ms/image (256² images, decoded already) at batch 1, 8 and 32 on torch's default
-     threads, and with the miner's CPU layout (one batch of 8 per core at once, one torch thread each);
-     the best of these is what served images/s are compared with;
+     threads, and with the miner's CPU layout (one batch of 8 per core at once, one torch thread each); served
+     images/s are compared with the best one-batch-at-a-time figure and with the best of all;
   2. our miner (`neurons.miner`, async forward + micro-batching off the event loop) under C = 1, 8, 32, 50;
   3. a stand-in with the reference subnet's habits (synchronous handler, one image at a time ON the event loop)
      measured the same way in the same run.
@@ -183,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     from bitmind.chain.local import LocalChain
     from bitmind.image_codec import encode_image
     from bitmind.dev_wallets import free_port, make_wallet
+    from neurons.miner import usable_cores
 
     levels = [int(c) for c in args.concurrency.split(",")]
     images = challenge_images(64)
     payloads = [encode_image(images[i % len(images)]) for i in range(args.queries)]
-    print(f"detector={args.detector} queries/level={args.queries} cores={os.cpu_count()}")
-    figures = in_process(args.detector, images, args.repeats, args.workers or os.cpu_count() or 1)
+    print(f"detector={args.detector} queries/level={args.queries} cores={usable_cores()}")
+    figures = in_process(args.detector, images, args.repeats, args.workers or usable_cores())
     # The yardstick is one batch at a time (batch 1 / 8 / 32); the miner's layout on CPU is stricter.
     one_batch_best = max(1000.0 / ms for label, ms in figures.items() if "at once" not in label)
     best = max(1000.0 / ms for ms in figures.values())
