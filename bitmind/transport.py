@@ -1,6 +1,8 @@
 """The one module that touches bittensor's Axon and Dendrite, so a move to bittensor 11's btauth/1 changes only it.
 
-Miner side, `MinerServer` serves `ImageSynapse` on a `bt.Axon`. Every request passes, in order:
+Miner side, `MinerServer` serves `ImageSynapse` on a `bt.Axon`, on a listening socket of ours (see `bind_listener`:
+uvicorn's own bind of `::` would serve IPv6 only, and validators call miners at the IPv4 published on chain).
+Every request passes, in order:
 1. our guard, before anything reads the body: a missing Content-Length answers 411, one above the limit 413, and a
    caller hotkey that `blacklist` refuses 403 (quietly: bittensor's own blacklist path logs every refusal as an ERROR);
 2. bittensor's default signature and nonce check (401) and its body-hash check;
@@ -11,24 +13,29 @@ request some GIL. No `priority_fn` is attached: bittensor 10.5 only sends each r
 pool and back without ordering anything; the miner orders its own queue by caller stake instead.
 
 Validator side, `ValidatorClient` queries many miners in parallel over one `bt.Dendrite` and returns one `Response`
-per miner; a hostile or dead miner yields a status, never an exception.
+per miner; a hostile or dead miner yields a status, never an exception. IPv6 miners are dialled in brackets (the
+Dendrite alone builds no valid URL for them).
 
 No `from __future__ import annotations` here: bittensor's `attach` compares real annotation objects.
 """
 
 import asyncio
+import dataclasses
+import functools
 import importlib.util
+import ipaddress
 import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from unittest import mock
 
 import aiohttp
 import bittensor as bt
 import bittensor.utils.networking as networking
+from bittensor.core.dendrite import DendriteMixin
 from bittensor.core.synapse import TerminalInfo
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -39,9 +46,14 @@ from bitmind.protocol import ImageSynapse
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "Blacklist",
+    "Forward",
+    "Listener",
     "MinerServer",
     "Response",
+    "ServeError",
     "ValidatorClient",
+    "bind_listener",
     "lookup_external_ip",
 ]
 
@@ -56,18 +68,75 @@ Forward = Callable[[ImageSynapse], Awaitable[ImageSynapse]]
 Blacklist = Callable[[str | None], tuple[bool, str]]
 
 
-def lookup_external_ip(fallback: str = "127.0.0.1") -> str:
-    """This machine's public IP from bittensor's internet lookup, or `fallback` when that fails (offline)."""
+class ServeError(RuntimeError):
+    """The axon cannot serve: an address that is not an IP, a port out of range or taken, or no answer at start."""
+
+
+def lookup_external_ip() -> str | None:
+    """This machine's public IP from bittensor's internet lookup, or None when that fails (offline)."""
     try:
-        return networking.get_external_ip()
+        return networking.get_external_ip().strip()  # the curl fallbacks keep the newline
     except Exception as exc:  # bittensor raises ExternalIPNotFound, requests may raise anything
-        logger.warning("public IP lookup failed (%s); using %s", type(exc).__name__, fallback)
-        return fallback
+        logger.warning("public IP lookup failed (%s)", type(exc).__name__)
+        return None
 
 
-def _connect_host(bind_ip: str) -> str:
-    """Where to connect to reach a server bound to `bind_ip` from this machine."""
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind_ip, bind_ip)
+@dataclass(frozen=True)
+class Listener:
+    """A bound TCP socket for uvicorn, the loopback hosts a local self-check must reach it on (one per family served),
+    and the bound address for logs, e.g. `[::]:8091 (IPv4+IPv6)`."""
+
+    sock: socket.socket
+    check_hosts: tuple[str, ...]
+    address: str
+
+
+def _ipv6_usable() -> bool:
+    """Whether this host serves IPv6 locally. Where IPv6 is disabled (sysctl `disable_ipv6`, common in containers)
+    `::` still binds but `::1` does not exist; a kernel built without IPv6 refuses the socket itself."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def bind_listener(ip: str, port: int) -> Listener:
+    """Bind `ip:port` the way validators need it.
+
+    The wildcard `::` (bittensor's default `--axon.ip [::]`, brackets optional) or an empty string gives one
+    dual-stack socket (IPV6_V6ONLY cleared) that answers IPv4 and IPv6, or IPv4 `0.0.0.0` where IPv6 is unusable.
+    uvicorn binding `::` itself would serve IPv6 only: asyncio sets IPV6_V6ONLY whatever the sysctl says.
+    An IPv4 address binds IPv4 only, another IPv6 address IPv6 only. Raises ServeError when the address is not an IP
+    or the port is taken.
+    """
+    host = ip.strip().strip("[]")
+    if host in ("", "::"):
+        dual_stack = _ipv6_usable()
+        family, host = (socket.AF_INET6, "::") if dual_stack else (socket.AF_INET, "0.0.0.0")
+        check_hosts: tuple[str, ...] = ("127.0.0.1", "::1") if dual_stack else ("127.0.0.1",)
+    else:
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            raise ServeError(f"--axon.ip must be an IP address such as [::] or 0.0.0.0, got {ip!r}") from None
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        check_hosts = ({"0.0.0.0": "127.0.0.1"}.get(host, host),)
+    shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse TIME_WAIT ports
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(host != "::"))
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot serve on {shown}: {exc.strerror or exc}") from exc
+    families = "+".join(f"IPv{ipaddress.ip_address(check).version}" for check in check_hosts)
+    return Listener(sock, check_hosts, f"{shown} ({families})")
 
 
 def _port_answers(host: str, port: int) -> bool:
@@ -76,17 +145,6 @@ def _port_answers(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _ensure_port_free(ip: str, port: int) -> None:
-    """Bind the port as uvicorn would (SO_REUSEADDR) and let go; raise if another process holds it."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((ip, port))
-        except OSError as exc:
-            raise RuntimeError(f"cannot serve on {ip}:{port}: {exc.strerror or exc}") from exc
 
 
 def _reject(status: int, message: str) -> JSONResponse:
@@ -124,7 +182,8 @@ class MinerServer:
     `forward` is `async (ImageSynapse) -> ImageSynapse`; run CPU/GPU work off the event loop inside it. It sees the
     verified caller hotkey in `synapse.dendrite.hotkey`.
     `blacklist(hotkey) -> (refuse, reason)` decides by the caller hotkey alone (None when the caller sent none).
-    `external_ip` is what `info()` advertises (looked up when None).
+    `ip` is bound as `bind_listener` says (`::` serves IPv4 and IPv6). `external_ip` and `external_port` (default:
+    `port`) are what `info()` advertises, i.e. what goes on chain; behind a NAT they differ from what is bound.
     One instance serves once: `start()`, then `stop()`.
     """
 
@@ -135,30 +194,27 @@ class MinerServer:
         forward: Forward,
         blacklist: Blacklist | None = None,
         *,
+        external_ip: str,
         ip: str = "127.0.0.1",
-        external_ip: str | None = None,
         external_port: int | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         start_timeout: float = 10.0,
     ):
         if max_request_bytes <= 0:
             raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
-        self.ip = ip.strip("[]")  # bittensor's --axon.ip default is "[::]"
+        for name, value in (("--axon.port", port), ("--axon.external_port", external_port)):
+            if value is not None and not 1024 < value < 65535:  # what bt.Axon asserts, as a clear error
+                raise ServeError(f"{name} must be in 1025..65534, got {value}")
+        self.ip = ip
         self.port = port
         self.max_request_bytes = max_request_bytes
         self._forward = forward
         self._blacklist = blacklist
         self._start_timeout = start_timeout
         self._thread: threading.Thread | None = None
-        self.axon = bt.Axon(
-            wallet=wallet,
-            port=port,
-            ip=self.ip,
-            external_ip=external_ip or lookup_external_ip(),
-            external_port=external_port,
-        )
-        # bt.Axon tells uvicorn to bind 0.0.0.0 whatever its ip says; honour ours.
-        self.axon.fast_config.host = self.ip
+        self._listener: Listener | None = None
+        # bt.Axon only records `ip`; we bind it ourselves in start().
+        self.axon = bt.Axon(wallet=wallet, port=port, ip=ip, external_ip=external_ip, external_port=external_port)
         for setting, value in uvicorn_stack().items():
             setattr(self.axon.fast_config, setting, value)
         # Added last, so it runs first: nothing below it has read the body yet.
@@ -182,22 +238,27 @@ class MinerServer:
         return self.axon.info()
 
     def start(self) -> "MinerServer":
-        """Start serving; raise RuntimeError when the port is taken or the server does not answer in time."""
-        _ensure_port_free(self.ip, self.port)
+        """Start serving; ServeError when the address cannot be bound or the server does not answer in time on
+        every family it serves (the families validators reach it over)."""
+        self._listener = listener = bind_listener(self.ip, self.port)
         server = self.axon.fast_server
-        self._thread = threading.Thread(target=server.run, name=f"axon-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=functools.partial(server.run, sockets=[listener.sock]), name=f"axon-{self.port}", daemon=True
+        )
         self._thread.start()
         self.axon.started = True
         deadline = time.monotonic() + self._start_timeout
-        while not (server.started and _port_answers(_connect_host(self.ip), self.port)):
-            if not self._thread.is_alive() or time.monotonic() > deadline:  # uvicorn exits its thread on a bind error
-                self.stop(timeout=1.0)
-                raise RuntimeError(f"axon did not answer on {self.ip}:{self.port} within {self._start_timeout:.0f} s")
+        while not (server.started and all(_port_answers(host, self.port) for host in listener.check_hosts)):
+            if not self._thread.is_alive() or time.monotonic() > deadline:  # uvicorn exits its thread on failure
+                self.stop(timeout=1.0)  # closes the socket
+                raise ServeError(
+                    f"axon did not answer on {listener.address} within {self._start_timeout:.0f} s "
+                    f"(checked {', '.join(listener.check_hosts)})"
+                )
             time.sleep(0.01)
         logger.info(
-            "serving ImageSynapse on %s:%d hotkey=%s max_request=%d B http=%s loop=%s",
-            self.ip,
-            self.port,
+            "serving ImageSynapse on %s hotkey=%s max_request=%d B http=%s loop=%s",
+            listener.address,
             self.hotkey,
             self.max_request_bytes,
             self.axon.fast_config.http,
@@ -209,12 +270,17 @@ class MinerServer:
         """Stop serving and wait (at most `timeout` s) until the server thread ends and the port no longer answers."""
         self.axon.fast_server.should_exit = True
         self.axon.started = False
-        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
-        while _port_answers(_connect_host(self.ip), self.port) and time.monotonic() < deadline:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        if self._thread is None or not self._thread.is_alive():
+            listener.sock.close()  # uvicorn closes it on shutdown, but not when its start-up failed
+        deadline = time.monotonic() + timeout
+        while any(_port_answers(host, self.port) for host in listener.check_hosts) and time.monotonic() < deadline:
             time.sleep(0.01)
-        logger.info("stopped serving on %s:%d", self.ip, self.port)
+        logger.info("stopped serving on %s", listener.address)
 
     def __enter__(self) -> "MinerServer":
         return self.start()
@@ -295,18 +361,40 @@ def _to_response(result: ImageSynapse | BaseException, timeout: float) -> Respon
     return Response(status, prediction, latency, str(dendrite.status_message or ""))
 
 
+class _Dendrite(bt.Dendrite):
+    """A `bt.Dendrite` announcing a given external IP. bittensor 10.5's `__init__` has no parameter for it and always
+    looks the IP up over the internet (requests without a timeout: it can hang behind a firewall that drops
+    packets), so this sets the same attributes itself; a test compares them with a real `bt.Dendrite`'s."""
+
+    def __init__(self, wallet: bt.Wallet, external_ip: str) -> None:
+        super(DendriteMixin, self).__init__()  # torch.nn.Module or object, as DendriteMixin.__init__ does
+        self.uuid = str(uuid.uuid1())
+        self.external_ip = external_ip
+        self.keypair = wallet.hotkey
+        self.synapse_history: list = []
+        self._session: aiohttp.ClientSession | None = None
+
+
+def _dialable(axon: bt.AxonInfo) -> bt.AxonInfo:
+    """`axon` with an IPv6 address in brackets: the Dendrite builds `http://{ip}:{port}/`, which is no URL for a bare
+    IPv6 address, so IPv6 miners would be unreachable."""
+    try:
+        is_v6 = ipaddress.ip_address(axon.ip).version == 6
+    except ValueError:  # already bracketed, or garbage the Dendrite reports as a failed call
+        return axon
+    return dataclasses.replace(axon, ip=f"[{axon.ip}]") if is_v6 else axon
+
+
 class ValidatorClient:
     """Queries miners over one `bt.Dendrite` signed by `wallet`'s hotkey.
 
     Use it either from async code (`await query(...)`, then `await aclose()`) or from sync code (`query_sync(...)`,
     then `close()`), not both: the HTTP session belongs to the event loop it was opened on.
-    `external_ip` skips bittensor's internet lookup (which falls back to 127.0.0.1 offline).
+    `external_ip` is the IP the requests announce (informational for miners); None looks it up, 127.0.0.1 offline.
     """
 
     def __init__(self, wallet: bt.Wallet, *, external_ip: str | None = None):
-        ip = external_ip or lookup_external_ip()
-        with mock.patch.object(networking, "get_external_ip", return_value=ip):
-            self._dendrite = bt.Dendrite(wallet=wallet)
+        self._dendrite = _Dendrite(wallet, external_ip or lookup_external_ip() or "127.0.0.1")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
 
@@ -324,7 +412,7 @@ class ValidatorClient:
             raise ValueError(f"timeout must be positive, got {timeout}")
         # A fresh synapse per call: the Dendrite signs it with a new, increasing nonce.
         calls = (
-            self._dendrite.call(axon, ImageSynapse(image=image), timeout=timeout, deserialize=False)
+            self._dendrite.call(_dialable(axon), ImageSynapse(image=image), timeout=timeout, deserialize=False)
             for axon, image in zip(axons, images)
         )
         # A fresh HTTP session per burst of queries: miners drop idle keep-alive connections, and a reused stale one

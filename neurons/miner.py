@@ -6,11 +6,13 @@ chain and transport from `bitmind`.
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 
 import bittensor as bt
 import torch
@@ -19,16 +21,20 @@ from PIL import Image
 from base_miner.batcher import MicroBatcher, QueueFull
 from base_miner.registry import build_detector
 from bitmind.caller_policy import CallerPolicy
-from bitmind.chain import Chain, make_chain
+from bitmind.chain import Chain, ChainError, make_chain
 from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser, setup_logging
 from bitmind.image_codec import DecodeLimits
 from bitmind.monitoring import Monitor, add_monitoring_args
 from bitmind.protocol import ImageSynapse
-from bitmind.transport import DEFAULT_MAX_REQUEST_BYTES, MinerServer, lookup_external_ip
+from bitmind.transport import DEFAULT_MAX_REQUEST_BYTES, Blacklist, Forward, MinerServer, ServeError, lookup_external_ip
 
 log = logging.getLogger("bitmind.miner")
 
 DEFAULT_PORT = 8091
+LOOPBACK = "127.0.0.1"
+# Seconds between tries of publishing the axon address when the chain fails (timeout, dropped connection); after the
+# last one the miner exits with the chain's reason instead of serving an address nobody can find.
+SERVE_AXON_RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +107,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def advertised_ip(config: bt.Config) -> str:
+    """The IP published on chain: `--axon.external_ip`, else bittensor's internet lookup.
+
+    When the lookup fails, a local chain (demo) takes 127.0.0.1; the real chain would refuse it, so there it is a
+    SystemExit naming the setting to fill in, before the detector loads, instead of a crash loop after it. (Whether
+    the chain accepts a given address is the chain's call: `Chain.serve_axon`.)
+    """
+    ip = config.axon.external_ip or lookup_external_ip()
+    if ip is None and config.chain.backend == "local":
+        return LOOPBACK
+    fix = (
+        "set AXON_EXTERNAL_IP in miner.env (--axon.external_ip) to the public IP validators reach this machine on, and "
+        "AXON_EXTERNAL_PORT (--axon.external_port) when a NAT forwards another port to --axon.port"
+    )
+    if ip is None:
+        raise SystemExit(f"cannot find this machine's public IP (lookup failed: offline or outbound HTTPS blocked): {fix}")
+    try:
+        return str(ipaddress.ip_address(ip.strip("[]")))
+    except ValueError:
+        raise SystemExit(f"--axon.external_ip must be an IP address, got {ip!r}: {fix}") from None
+
+
+def build_server(
+    config: bt.Config, wallet: bt.Wallet, forward: Forward, blacklist: Blacklist | None, external_ip: str
+) -> MinerServer:
+    """The axon as the `--axon.*` and `--miner.max_image_mb` flags describe it (not started)."""
+    return MinerServer(
+        wallet,
+        port=config.axon.port,
+        forward=forward,
+        blacklist=blacklist,
+        ip=config.axon.ip,
+        external_ip=external_ip,
+        external_port=config.axon.external_port or None,
+        max_request_bytes=max(DEFAULT_MAX_REQUEST_BYTES, int(config.miner.max_image_mb * 1.4 * 1024 * 1024)),
+    )
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
     try:
@@ -125,10 +169,20 @@ def worker_layout(workers: int, threads: int, device: str, cores: int) -> tuple[
 
 
 class Miner:
-    """Owns the detector, batcher, caller policy and axon; `run()` serves until `stop()`."""
+    """Owns the detector, batcher, caller policy and axon; `run()` serves until `stop()`.
 
-    def __init__(self, config: bt.Config, chain: Chain | None = None) -> None:
+    `serve_retry_delays`: seconds between tries of publishing the axon address on chain (see SERVE_AXON_RETRY_DELAYS).
+    """
+
+    def __init__(
+        self,
+        config: bt.Config,
+        chain: Chain | None = None,
+        serve_retry_delays: Sequence[float] = SERVE_AXON_RETRY_DELAYS,
+    ) -> None:
         self.config = config
+        self.serve_retry_delays = tuple(serve_retry_delays)
+        self.external_ip = advertised_ip(config)
         self.wallet = bt.Wallet(config=config)
         self.hotkey = self.wallet.hotkey.ss58_address
         self.chain = chain or make_chain(config)
@@ -167,17 +221,7 @@ class Miner:
             ),
             workers=workers,
         )
-        external_ip = config.axon.external_ip or lookup_external_ip()
-        self.server = MinerServer(
-            self.wallet,
-            port=config.axon.port,
-            forward=self.forward,
-            blacklist=self.policy.blacklist,
-            ip=config.axon.ip,
-            external_ip=external_ip,
-            external_port=config.axon.external_port or None,
-            max_request_bytes=max(DEFAULT_MAX_REQUEST_BYTES, int(config.miner.max_image_mb * 1.4 * 1024 * 1024)),
-        )
+        self.server = build_server(config, self.wallet, self.forward, self.policy.blacklist, self.external_ip)
         self.served = 0
         log.info(
             "miner uid=%d hotkey=%s detector=%s device=%s batch_size=%d workers=%d torch_threads=%d port=%d",
@@ -223,28 +267,55 @@ class Miner:
         )
         return synapse
 
-    def run(self) -> None:
-        self.server.start()
+    def _publish(self) -> bool:
+        """Put the axon's advertised address on chain, retrying while the chain fails; False when stopped meanwhile.
+        SystemExit with the chain's reason after the last try."""
         info = self.server.info()
-        self.chain.serve_axon(self.wallet, info.ip, info.port)
-        log.info("serving axon on %s:%d (advertised %s:%d)", self.config.axon.ip, self.config.axon.port, info.ip, info.port)
-        next_sync = time.monotonic() + self.config.neuron.sync_interval
+        tries = len(self.serve_retry_delays) + 1
+        attempt = 1
+        while True:
+            try:
+                self.chain.serve_axon(self.wallet, info.ip, info.port)
+            except ChainError as exc:
+                if attempt == tries:
+                    raise SystemExit(
+                        f"could not publish the axon address {info.ip}:{info.port} on chain after {tries} tries: {exc}"
+                    ) from None
+                delay = self.serve_retry_delays[attempt - 1]
+                log.warning("serve_axon %s:%d failed (try %d/%d): %s; retrying in %.0f s",
+                            info.ip, info.port, attempt, tries, exc, delay)
+                if self.stop_event.wait(delay):
+                    return False
+                attempt += 1
+            else:
+                log.info("axon published: %s:%d on netuid %d", info.ip, info.port, self.config.netuid)
+                return True
+
+    def run(self) -> None:
         try:
-            while not self.stop_event.wait(timeout=min(5.0, self.config.neuron.sync_interval)):
-                if time.monotonic() >= next_sync:
-                    next_sync = time.monotonic() + self.config.neuron.sync_interval
-                    try:
-                        self.view = self._sync()
-                        if self.view.uid_of(self.hotkey) is None:
-                            log.error("hotkey %s is no longer registered; stopping", self.hotkey[:8])
-                            break
-                        log.info("sync block=%d neurons=%d served=%d", self.view.block, self.view.n, self.served)
-                    except Exception as exc:  # noqa: BLE001 - a flaky chain must not stop serving
-                        log.warning("metagraph sync failed: %s", exc)
-                        self.monitor.metrics.record_error("sync")
-                self.monitor.beat(served=self.served, block=self.view.block, uid=self.uid)
+            self.server.start()
+            if not self._publish():
+                return
+            self._serve()
         finally:
             self.close()
+
+    def _serve(self) -> None:
+        """Keep the metagraph fresh and the heartbeat beating until `stop()` or deregistration."""
+        next_sync = time.monotonic() + self.config.neuron.sync_interval
+        while not self.stop_event.wait(timeout=min(5.0, self.config.neuron.sync_interval)):
+            if time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + self.config.neuron.sync_interval
+                try:
+                    self.view = self._sync()
+                    if self.view.uid_of(self.hotkey) is None:
+                        log.error("hotkey %s is no longer registered; stopping", self.hotkey[:8])
+                        return
+                    log.info("sync block=%d neurons=%d served=%d", self.view.block, self.view.n, self.served)
+                except Exception as exc:  # noqa: BLE001 - a flaky chain must not stop serving
+                    log.warning("metagraph sync failed: %s", exc)
+                    self.monitor.metrics.record_error("sync")
+            self.monitor.beat(served=self.served, block=self.view.block, uid=self.uid)
 
     def stop(self, *_: object) -> None:
         self.stop_event.set()
@@ -261,12 +332,17 @@ class Miner:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the miner; a start-up failure the operator must fix (chain unreachable or refusing, axon address or port
+    unusable) ends the process with one line saying why, not a stack trace."""
     config = build_config(build_parser(), argv)
     setup_logging(config)
-    miner = Miner(config)
-    signal.signal(signal.SIGINT, miner.stop)
-    signal.signal(signal.SIGTERM, miner.stop)
-    miner.run()
+    try:
+        miner = Miner(config)
+        signal.signal(signal.SIGINT, miner.stop)
+        signal.signal(signal.SIGTERM, miner.stop)
+        miner.run()
+    except (ChainError, ServeError) as exc:
+        raise SystemExit(f"miner cannot run: {exc}") from None
     return 0
 
 

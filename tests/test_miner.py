@@ -1,5 +1,14 @@
-"""The miner process end to end on 127.0.0.1: a LocalChain, real wallets, a real Axon and Dendrite."""
+"""The miner process end to end on loopback: a LocalChain, real wallets, a real Axon and Dendrite.
 
+The miner binds with the default `--axon.ip` (bittensor's `[::]`), as operators run it.
+"""
+
+import dataclasses
+import inspect
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -8,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bitmind.chain import Chain, ChainError
 from bitmind.chain.local import LocalChain
 from bitmind.config import build_config
 from bitmind.image_codec import encode_image
@@ -15,11 +25,38 @@ from bitmind.transport import ValidatorClient
 from neurons.miner import Miner, build_parser, worker_layout
 from tests._wallets import LOOPBACK, free_port, make_wallet
 
+REPO = Path(__file__).resolve().parents[1]
+# The validator's own announced IP (a documentation address): differs from the miner's, so the Dendrite dials the
+# miner's published address instead of its 0.0.0.0 shortcut for "itself".
+VALIDATOR_IP = "198.51.100.7"
+
+
+class FlakyChain(LocalChain):
+    """A LocalChain whose `serve_axon` fails the first `failures` times, as a timed-out subtensor call does."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+        self.serve_calls = 0
+
+    def serve_axon(self, wallet, ip: str, port: int) -> None:
+        self.serve_calls += 1
+        if self.serve_calls <= self.failures:
+            raise ChainError("serve_axon timed out after 60s")
+        super().serve_axon(wallet, ip, port)
+
 
 class MinerHarness:
     """A registered miner running `Miner.run()` in a thread, plus a validator and an outsider wallet."""
 
-    def __init__(self, root: Path, detector: str = "baseline_random", extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        detector: str = "baseline_random",
+        extra: list[str] | None = None,
+        serve_failures: int = 0,
+        serve_retry_delays: tuple[float, ...] = (0.05,),
+    ) -> None:
         self.chain_path = root / "chain.sqlite"
         self.chain = LocalChain(self.chain_path, seconds_per_block=0.5)
         wallets = root / "wallets"
@@ -33,14 +70,15 @@ class MinerHarness:
         argv = [
             "--chain", "local", "--chain.path", str(self.chain_path),
             "--wallet.path", str(wallets), "--wallet.name", "miner", "--wallet.hotkey", "default",
-            "--axon.ip", LOOPBACK, "--axon.port", str(self.port), "--axon.external_ip", LOOPBACK,
+            "--axon.port", str(self.port), "--axon.external_ip", LOOPBACK,
             "--neuron.detector", detector, "--neuron.device", "cpu",
             "--neuron.state_dir", str(root / "state"), "--neuron.sync_interval", "1",
             "--neuron.watchdog_timeout", "0",
         ] + (extra or [])
         self.config = build_config(build_parser(), argv)
         self.torch_threads = torch.get_num_threads()  # the miner sets them for its process; restore for later tests
-        self.miner = Miner(self.config)
+        self.flaky_chain = FlakyChain(self.chain_path, serve_failures)
+        self.miner = Miner(self.config, chain=self.flaky_chain, serve_retry_delays=serve_retry_delays)
         self.thread = threading.Thread(target=self.miner.run, daemon=True)
 
     def __enter__(self) -> "MinerHarness":
@@ -60,10 +98,12 @@ class MinerHarness:
         view = self.chain.sync()
         return view.axons[view.uid_of(self.miner_wallet.hotkey.ss58_address)]
 
-    def query(self, wallet, images: list[str], timeout: float = 9.0):
-        client = ValidatorClient(wallet, external_ip=LOOPBACK)
+    def query(self, wallet, images: list[str], timeout: float = 9.0, **axon_changes):
+        """Query the miner at its published axon (with `axon_changes`, e.g. ip="::1", applied)."""
+        client = ValidatorClient(wallet, external_ip=VALIDATOR_IP)
         try:
-            return client.query_sync([self.axon()] * len(images), images, timeout)
+            axon = dataclasses.replace(self.axon(), **axon_changes)
+            return client.query_sync([axon] * len(images), images, timeout)
         finally:
             client.close()
 
@@ -83,6 +123,66 @@ def test_registered_validator_gets_a_probability(harness):
     assert response.status == 200
     assert 0.0 <= response.prediction <= 1.0
     assert harness.chain.sync().axons[0].ip == LOOPBACK
+
+
+def test_default_bind_answers_over_ipv6_too(harness):
+    [response] = harness.query(harness.validator_wallet, [_image(0)], ip="::1")
+    assert response.status == 200 and 0.0 <= response.prediction <= 1.0
+
+
+def test_external_port_is_published_while_the_axon_port_is_served(tmp_path):
+    # Behind a NAT (rented GPU boxes) validators dial the forwarded port; the miner listens on --axon.port.
+    with MinerHarness(tmp_path, extra=["--axon.external_port", "40123"]) as running:
+        assert (running.axon().ip, running.axon().port) == (LOOPBACK, 40123)
+        assert running.query(running.validator_wallet, [_image(0)], port=running.port)[0].status == 200
+
+
+def test_the_flaky_chain_stand_in_takes_what_the_interface_takes():
+    def shape(method):
+        return [(name, param.kind) for name, param in inspect.signature(method).parameters.items()]
+
+    assert shape(FlakyChain.serve_axon) == shape(Chain.serve_axon)
+
+
+def test_serve_axon_failure_is_retried_then_the_miner_serves(tmp_path, caplog):
+    with MinerHarness(tmp_path, serve_failures=1) as running:
+        assert running.query(running.validator_wallet, [_image(0)])[0].status == 200
+        assert running.flaky_chain.serve_calls == 2
+    [warning] = [r.getMessage() for r in caplog.records if "serve_axon" in r.getMessage() and r.levelname == "WARNING"]
+    assert "failed (try 1/2): serve_axon timed out after 60s; retrying" in warning
+
+
+def test_serve_axon_that_keeps_failing_stops_the_miner_with_the_reason(tmp_path):
+    harness = MinerHarness(tmp_path, serve_failures=99, serve_retry_delays=(0.05, 0.05))
+    try:
+        with pytest.raises(SystemExit, match=f"could not publish the axon address {LOOPBACK}:{harness.port} on chain "
+                                             "after 3 tries: serve_axon timed out after 60s"):
+            harness.miner.run()
+    finally:
+        torch.set_num_threads(harness.torch_threads)
+    assert harness.flaky_chain.serve_calls == 3
+    with pytest.raises(ConnectionRefusedError):  # the axon was stopped on the way out
+        socket.create_connection((LOOPBACK, harness.port), timeout=5).close()
+
+
+def test_miner_on_a_taken_port_exits_with_one_line(tmp_path):
+    chain_path = tmp_path / "chain.sqlite"
+    wallet = make_wallet(tmp_path / "wallets", "miner")
+    LocalChain(chain_path).register_hotkey(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "neurons.miner", "--chain", "local", "--chain.path", str(chain_path),
+             "--wallet.path", str(tmp_path / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
+             "--axon.port", str(port), "--axon.external_ip", LOOPBACK, "--neuron.detector", "baseline_random",
+             "--neuron.device", "cpu", "--neuron.state_dir", str(tmp_path / "state"), "--neuron.watchdog_timeout", "0"],
+            capture_output=True, text=True, cwd=REPO, env=os.environ | {"READ_ONLY": "1"}, timeout=120,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"miner cannot run: cannot serve on [::]:{port}: Address already in use"
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_unregistered_caller_is_refused(harness):

@@ -1,6 +1,7 @@
 """bitmind.transport against real axons and dendrites on 127.0.0.1, with hostile callers and hostile miners."""
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
@@ -14,7 +15,7 @@ from aiohttp import web
 
 from bitmind import transport
 from bitmind.protocol import ImageSynapse
-from bitmind.transport import MinerServer, Response, ValidatorClient
+from bitmind.transport import MinerServer, Response, ServeError, ValidatorClient
 from tests._wallets import LOOPBACK, free_port, offline_ip, wallet_factory  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
@@ -302,26 +303,47 @@ def test_start_on_taken_port_raises(wallets):
         taken.listen()
         port = taken.getsockname()[1]
         server = MinerServer(wallets["miner"], port, RecordingForward(), external_ip=LOOPBACK)
-        with pytest.raises(RuntimeError, match=f"cannot serve on 127.0.0.1:{port}"):
+        with pytest.raises(ServeError, match=f"cannot serve on 127.0.0.1:{port}: Address already in use"):
             server.start()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's sys.exit
-def test_start_detects_uvicorn_bind_failure_and_frees_its_thread(wallets, monkeypatch):
-    # The port is taken between our check and uvicorn's bind: uvicorn fails silently, start() must notice.
-    monkeypatch.setattr(transport, "_ensure_port_free", lambda ip, port: None)
+def test_server_that_fails_to_start_raises_and_frees_its_thread_and_port(wallets):
+    # The app's start-up fails: uvicorn exits its thread without serving; start() must notice and let the port go.
+    @contextlib.asynccontextmanager
+    async def failing_startup(app):
+        raise RuntimeError("app cannot start")
+        yield
+
+    port = free_port()
+    server = MinerServer(wallets["miner"], port, RecordingForward(), external_ip=LOOPBACK, start_timeout=5.0)
+    server.axon.app.router.lifespan_context = failing_startup
     threads_before = threading.active_count()
-    with socket.socket() as taken:
-        taken.bind(("", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        server = MinerServer(wallets["miner"], port, RecordingForward(), external_ip=LOOPBACK, start_timeout=1.0)
-        with pytest.raises(RuntimeError, match="did not answer"):
-            server.start()
+    with pytest.raises(ServeError, match=f"axon did not answer on {LOOPBACK}:{port}"):
+        server.start()
     deadline = time.monotonic() + 5.0
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= threads_before
+    with socket.socket() as again:  # without SO_REUSEADDR: refused while any socket still holds the port
+        again.bind((LOOPBACK, port))
+
+
+def test_client_with_an_external_ip_never_looks_it_up(wallets, monkeypatch):
+    def no_internet():
+        raise AssertionError("looked up the external IP")
+
+    monkeypatch.setattr(transport.networking, "get_external_ip", no_internet)
+    client = ValidatorClient(wallets["validator"], external_ip="198.51.100.7")
+    assert client._dendrite.external_ip == "198.51.100.7"
+
+
+def test_our_dendrite_has_what_bittensors_has(wallets):
+    """`_Dendrite` sets bittensor's attributes itself (to skip the lookup): the same ones as a real `bt.Dendrite`."""
+    real = bt.Dendrite(wallet=wallets["validator"])  # the `offline_ip` fixture answers its lookup
+    ours = transport._Dendrite(wallets["validator"], "198.51.100.7")
+    assert set(vars(ours)) == set(vars(real))
+    assert isinstance(ours, bt.Dendrite) and ours.keypair.ss58_address == real.keypair.ss58_address
 
 
 def test_server_runs_on_the_compiled_http_stack(serve, client):
