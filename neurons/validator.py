@@ -27,6 +27,7 @@ from typing import Any
 import bittensor as bt
 import numpy as np
 
+import bitmind
 from bitmind.chain import Chain, MetagraphView, make_chain
 from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser, setup_logging
 from bitmind.monitoring import Monitor, add_monitoring_args
@@ -135,6 +136,9 @@ class Validator:
                 f"run `btcli subnet register --netuid {config.netuid} --wallet.name {config.wallet.name} "
                 f"--wallet.hotkey {config.wallet.hotkey}` first"
             )
+        problem = self.chain.weights_rules(self.hotkey).version_problem(bitmind.spec_version)
+        if problem:
+            raise SystemExit(f"validator cannot start on netuid {config.netuid}: {problem}")
         self._next_sync = time.monotonic() + config.neuron.sync_interval
 
         self.real_source = None
@@ -152,7 +156,8 @@ class Validator:
             np.random.default_rng(None if seed < 0 else seed),
         )
         self.weight_setter = WeightSetter.from_config(
-            config, self.chain, self.wallet, self.scorer.weights, state.last_weights_block if state else None
+            config, self.chain, self.wallet, self.scorer.weights, state.last_weights_block if state else None,
+            hold_fn=self._weights_hold,
         )
         self._weights_seen = (0, 0)  # (successes, failures) already reported to the metrics
         self.monitor = Monitor.from_config(config, role="validator", on_watchdog_expire=on_watchdog_expire)
@@ -170,6 +175,21 @@ class Validator:
             hotkey = view.hotkeys[view.index_of(uid)]
             log.info("uid %d has a new hotkey %s: its score and history start from zero", uid, hotkey[:8])
         return view
+
+    def _weights_hold(self) -> str | None:
+        """Why the chain would refuse our weights per the last metagraph sync (None when it would not). Read by the
+        weight setter before each try, so a permit granted by a later sync is noticed."""
+        view, uid = self.view, self.uid
+        if uid is None:
+            return f"hotkey {self.hotkey} is not registered on netuid {view.netuid}"
+        index = view.index_of(uid)
+        if not view.validator_permit[index]:
+            return (
+                f"uid {uid} has no validator permit on netuid {view.netuid} (stake {view.stake[index]:g} alpha; "
+                f"the chain gives permits to the top stake holders) and the chain refuses weights without one; "
+                f"challenges go on, and the permit is checked again after each metagraph sync"
+            )
+        return None
 
     def _maybe_sync(self) -> None:
         if time.monotonic() < self._next_sync:

@@ -259,17 +259,40 @@ def test_weights_accept_numpy_arrays_as_validators_build_them(chain: LocalChain)
     assert chain.get_weights("validator") == {1: 0.25, 3: 0.75}
 
 
-def test_weights_rate_limit_counts_blocks_since_the_last_update(chain: LocalChain, clock: FakeClock) -> None:
+def test_weights_rate_limit_is_strict_like_subtensors(chain: LocalChain, clock: FakeClock) -> None:
+    """Subtensor accepts weights once blocks_since_last_update > weights_rate_limit: at exactly 10 of 10 it refuses."""
     validator = validator_with_miners(chain)
     assert chain.set_weights(validator, [1], [1.0], version_key=1)[0]
-    clock.now += 9.0
-    assert chain.set_weights(validator, [2], [1.0], version_key=1) == (False, "rate limited: 1 blocks left")
+    clock.now += 10.0
+    assert chain.weights_rules("validator").blocks_since_update == 10
+    assert chain.set_weights(validator, [2], [1.0], version_key=1) == (
+        False, "rate limited: 1 blocks left (weights_rate_limit 10)")
     assert chain.get_weights("validator") == {1: 1.0}
     clock.now += 1.0
     ok, message = chain.set_weights(validator, [2, 3], [1.0, 3.0], version_key=1)
     assert ok, message
     assert chain.get_weights("validator") == {2: 0.25, 3: 0.75}
-    assert chain.last_weights_block("validator") == 10
+    assert chain.last_weights_block("validator") == 11
+
+
+def test_weights_rules_report_what_set_weights_enforces(chain_path: Path, clock: FakeClock) -> None:
+    with LocalChain(chain_path, seconds_per_block=1.0, weights_rate_limit=4, min_version_key=7, clock=clock) as chain:
+        validator_with_miners(chain)
+        clock.now += 3.0
+        rules = chain.weights_rules("validator")
+        assert (rules.block, rules.weights_version, rules.rate_limit, rules.blocks_since_update) == (3, 7, 4, None)
+        assert rules.blocks_to_wait() == 0
+        assert rules.version_problem(7) is None
+        assert "requires weights version_key >= 7" in rules.version_problem(6) and "sends 6" in rules.version_problem(6)
+        assert chain.set_weights(stand_in("validator"), [1], [1.0], 7)[0]
+        set_at = clock.now
+        for since, wait in [(0, 5), (4, 1), (5, 0)]:  # blocks since our last weights -> blocks still to wait
+            clock.now = set_at + since
+            rules = chain.weights_rules("validator")
+            assert (rules.blocks_since_update, rules.blocks_to_wait()) == (since, wait)
+            ok, message = chain.set_weights(stand_in("validator"), [1], [1.0], 7)
+            assert ok is (wait == 0), message
+        assert chain.weights_rules("stranger").blocks_since_update is None
 
 
 @pytest.mark.parametrize(
@@ -277,7 +300,7 @@ def test_weights_rate_limit_counts_blocks_since_the_last_update(chain: LocalChai
     [
         ("stranger", [1], [1.0], 5, "not registered"),
         ("miner-0", [1], [1.0], 5, "no validator permit"),
-        ("validator", [1], [1.0], 4, "below the required 5"),
+        ("validator", [1], [1.0], 4, "requires weights version_key >= 5"),
         ("validator", [1, 2], [1.0], 5, "differ in length"),
         ("validator", [1, 2], [1.0, float("nan")], 5, "finite"),
         ("validator", [1, 2], [1.0, float("inf")], 5, "finite"),

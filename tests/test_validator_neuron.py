@@ -22,6 +22,7 @@ from bitmind.transport import ValidatorClient
 from neurons import validator as validator_module
 from neurons.validator import Validator, build_parser, main
 from tests._fixtures_validator import (
+    VALIDATOR_STAKE,
     BrightSource,
     EmptySource,
     build_subnet,
@@ -106,8 +107,6 @@ FLAG_CASES = [
     ("--neuron.history_mcc", "40", lambda v, s, p: v.scorer.params.history_mcc == 40),
     ("--neuron.history_acc", "4", lambda v, s, p: v.scorer.params.history_acc == 4),
     ("--neuron.epoch_length", "17", lambda v, s, p: v.weight_setter.epoch_length == 17),
-    ("--neuron.weights_timeout", "3.5", lambda v, s, p: v.weight_setter.timeout == 3.5),
-    ("--neuron.weights_retries", "1", lambda v, s, p: v.weight_setter.retries == 1),
     ("--neuron.weights_backoff", "0.5", lambda v, s, p: v.weight_setter.backoff == 0.5),
     ("--neuron.watchdog_timeout", "50", lambda v, s, p: v.monitor.watchdog.timeout_s == 50.0),
     ("--neuron.heartbeat_file", "{tmp}/hb.json", lambda v, s, p: v.monitor.heartbeat.path == p / "hb.json"),
@@ -277,6 +276,77 @@ def test_weights_are_set_on_chain_with_the_spec_version(validator, subnet):
     assert version_key == bitmind.spec_version
 
 
+class CountingChain(LocalChain):
+    """A LocalChain that counts set_weights calls (each would be one extrinsic on subtensor)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_weights_calls = 0
+
+    def set_weights(self, *args, **kwargs):
+        self.set_weights_calls += 1
+        return super().set_weights(*args, **kwargs)
+
+
+def _step_and_ask_for_weights(made: Validator) -> None:
+    made.step()
+    made._maybe_set_weights()
+    assert _wait_for(lambda: not made.weight_setter.stats.in_flight)
+
+
+def test_a_validator_without_a_permit_logs_one_line_and_sends_no_weights(subnet, tmp_path, caplog):
+    hotkey = subnet.validator.hotkey.ss58_address
+    subnet.chain.add_stake(hotkey, -VALIDATOR_STAKE)  # no stake, no validator permit
+    chain = CountingChain(subnet.chain_path)
+    made = make_validator(subnet, tmp_path, "--neuron.epoch_length", "1", sampler=bright_sampler(tmp_path),
+                          chain=chain)
+    try:
+        made.weight_setter.start()
+        with caplog.at_level(logging.INFO):
+            for _ in range(5):  # weights are due at every step
+                _step_and_ask_for_weights(made)
+        assert chain.set_weights_calls == 0
+        assert made.steps_done == 5  # challenges went on
+        lines = [record.getMessage() for record in caplog.records if "no validator permit" in record.getMessage()]
+        assert len(lines) == 1, lines
+        assert f"uid {subnet.uids['validator']} has no validator permit on netuid 34 (stake 0 alpha" in lines[0]
+        # stake arrives: the next metagraph sync (every step here) sees the permit, and weights go out
+        subnet.chain.add_stake(hotkey, VALIDATOR_STAKE)
+        _step_and_ask_for_weights(made)
+        assert chain.set_weights_calls == 1 and subnet.chain.get_weights(hotkey)
+        assert made.weight_setter.stats.held == "" and made.weight_setter.stats.failures == 0
+    finally:
+        made.close()
+
+
+def test_a_subnet_weights_version_above_ours_stops_the_validator_at_start(subnet, tmp_path):
+    ours, required = bitmind.spec_version, bitmind.spec_version + 5
+    strict_path = tmp_path / "strict-chain.sqlite"
+    with LocalChain(strict_path, min_version_key=required) as strict:
+        wallet = subnet.validator
+        strict.register_hotkey(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address, stake=VALIDATOR_STAKE)
+    argv = validator_argv(subnet, tmp_path, "--neuron.max_steps", "1")
+    argv[argv.index("--chain.path") + 1] = str(strict_path)
+    done = _run_process(argv, timeout=90)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "version_key" in line]
+    assert len(lines) == 1 and f">= {required}" in lines[0] and f"sends {ours}" in lines[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "state" / STATE_FILENAME).exists()  # it stopped before its first step
+
+
+def test_a_subnet_weights_version_equal_to_ours_starts(subnet, tmp_path):
+    equal_path = tmp_path / "equal-chain.sqlite"
+    with LocalChain(equal_path, min_version_key=bitmind.spec_version) as equal:
+        wallet = subnet.validator
+        equal.register_hotkey(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address, stake=VALIDATOR_STAKE)
+    made = make_validator(subnet, tmp_path, sampler=bright_sampler(tmp_path), chain=LocalChain(equal_path))
+    try:
+        assert made.weight_setter.version_key == bitmind.spec_version  # the key checked is the key sent
+    finally:
+        made.close()
+
+
 class StuckChain(LocalChain):
     """A chain whose set_weights hangs until released and whose syncs fail after the first."""
 
@@ -300,8 +370,7 @@ class StuckChain(LocalChain):
 
 def test_a_stuck_chain_never_stalls_challenges(subnet, tmp_path, caplog):
     chain = StuckChain(subnet.chain_path)
-    made = make_validator(subnet, tmp_path, "--neuron.max_steps", "3", "--neuron.weights_timeout", "30",
-                          sampler=bright_sampler(tmp_path), chain=chain)
+    made = make_validator(subnet, tmp_path, "--neuron.max_steps", "3", sampler=bright_sampler(tmp_path), chain=chain)
     try:
         with caplog.at_level(logging.WARNING):
             made.run()

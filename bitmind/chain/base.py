@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 
 import bittensor as bt
 
-__all__ = ["Chain", "ChainError", "MetagraphView", "check_endpoint", "check_weights", "coldkey_of", "hotkey_of"]
+__all__ = [
+    "Chain",
+    "ChainError",
+    "MetagraphView",
+    "WeightsRules",
+    "check_endpoint",
+    "check_public_endpoint",
+    "check_weights",
+    "coldkey_of",
+    "hotkey_of",
+]
 
 
 class ChainError(RuntimeError):
@@ -18,14 +28,18 @@ class ChainError(RuntimeError):
 
 @dataclass
 class MetagraphView:
-    """A snapshot of one subnet's neurons, index i describing uid `uids[i]`."""
+    """A snapshot of one subnet's neurons, index i describing uid `uids[i]`.
+
+    `stake` is `metagraph.S`: the subnet's stake weight in ALPHA units (alpha stake plus a TAO-weighted share of root
+    stake), not TAO; every stake threshold compared with it is in alpha too.
+    """
 
     netuid: int
     block: int
     uids: list[int] = field(default_factory=list)
     hotkeys: list[str] = field(default_factory=list)
     coldkeys: list[str] = field(default_factory=list)
-    stake: list[float] = field(default_factory=list)
+    stake: list[float] = field(default_factory=list)  # alpha, not TAO
     validator_permit: list[bool] = field(default_factory=list)
     axons: list[bt.AxonInfo] = field(default_factory=list)
 
@@ -42,6 +56,37 @@ class MetagraphView:
 
     def index_of(self, uid: int) -> int:
         return self.uids.index(uid)
+
+
+@dataclass(frozen=True)
+class WeightsRules:
+    """What the subnet requires of one hotkey's next set_weights, read from the chain at `block`.
+
+    The chain accepts weights only when `version_key >= weights_version` (0: any key) and strictly more than
+    `rate_limit` blocks have passed since the hotkey's last accepted weights (`blocks_since_update`, None when it
+    never set any). Checking both before sending saves an extrinsic the chain would refuse.
+    """
+
+    block: int
+    weights_version: int
+    rate_limit: int
+    blocks_since_update: int | None
+
+    def blocks_to_wait(self) -> int:
+        """Blocks until the rate limit lets this hotkey set weights (0: it may now)."""
+        if self.blocks_since_update is None:
+            return 0
+        return max(0, self.rate_limit + 1 - self.blocks_since_update)
+
+    def version_problem(self, version_key: int) -> str | None:
+        """Why the chain would refuse `version_key`, naming both numbers; None when it is accepted."""
+        if version_key >= self.weights_version:
+            return None
+        return (
+            f"the subnet requires weights version_key >= {self.weights_version} (its weights_version "
+            f"hyperparameter) but this node sends {version_key}: the chain refuses these weights; update the node "
+            f"(git pull, then reinstall) and restart it"
+        )
 
 
 class Chain(abc.ABC):
@@ -66,10 +111,15 @@ class Chain(abc.ABC):
         """Publish the wallet's axon address so validators can find it."""
 
     @abc.abstractmethod
+    def weights_rules(self, hotkey: str) -> WeightsRules:
+        """The subnet's weights version, its rate limit and the hotkey's blocks since its last weights."""
+
+    @abc.abstractmethod
     def set_weights(
         self, wallet: "bt.Wallet", uids: list[int], weights: list[float], version_key: int
     ) -> tuple[bool, str]:
-        """Set the wallet's weights on the subnet; returns (success, message), never raises on rejection."""
+        """Set the wallet's weights on the subnet with at most one extrinsic; returns (success, message), never
+        raises on rejection."""
 
     def close(self) -> None:
         """Release connections; the default has none."""
@@ -106,6 +156,30 @@ def check_endpoint(ip: str, port: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ChainError(f"serve_axon: port must be an int in 1..65535, got {port!r}")
     return address.version
+
+
+def check_public_endpoint(ip: str, port: int) -> None:
+    """`check_endpoint`, and refuse an address other machines cannot reach (loopback, unspecified, private, ...).
+
+    Why: the chain stores whatever is served, validators then call that address and fail, and the miner never learns
+    why it gets no traffic. An offline public-IP lookup falls back to 127.0.0.1, which is how this usually happens.
+    """
+    check_endpoint(ip, port)
+    address = ipaddress.ip_address(ip)
+    if address.is_global:
+        return
+    if address.is_loopback:
+        kind = "a loopback"
+    elif address.is_unspecified:
+        kind = "an unspecified"
+    elif address.is_private:
+        kind = "a private"
+    else:
+        kind = "a non-public"
+    raise ChainError(
+        f"serve_axon: {ip} is {kind} address that validators cannot reach; set --axon.external_ip "
+        f"(AXON_EXTERNAL_IP in the env file) to this machine's public IP"
+    )
 
 
 def check_weights(uids: Sequence[int], weights: Sequence[float]) -> str | None:

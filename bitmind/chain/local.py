@@ -1,9 +1,10 @@
 """LocalChain: a whole subnet in one SQLite file, shared by the processes of a local network on one machine.
 
 Why: miners, validators and the localnet orchestrator need a chain that behaves like subtensor where it matters
-(uids, stake, validator permits, axon discovery, weights with a rate limit, blocks that advance with time) without
-a blockchain node. Every write runs in a `BEGIN IMMEDIATE` transaction in WAL mode with a busy timeout, so several
-processes writing at once lose no update. The first process to open the file creates it and stores the chain's
+(uids, stake, validator permits, axon discovery, weights with subtensor's strict rate limit and required weights
+version, blocks that advance with time) without a blockchain node. Stake is in alpha, like `metagraph.S`.
+Every write runs in a `BEGIN IMMEDIATE` transaction in WAL mode with a busy timeout, so several processes writing
+at once lose no update. The first process to open the file creates it and stores the chain's
 parameters (genesis time, block time, limits) in it; later openers adopt the stored ones.
 """
 
@@ -25,6 +26,7 @@ from bitmind.chain.base import (
     Chain,
     ChainError,
     MetagraphView,
+    WeightsRules,
     check_endpoint,
     check_weights,
     coldkey_of,
@@ -70,7 +72,9 @@ CREATE TABLE weight_updates (
 
 @dataclass(frozen=True)
 class LocalChainParams:
-    """The chain's constants, fixed when the file is created."""
+    """The chain's constants, fixed when the file is created. `min_version_key` is the subnet's `weights_version`
+    hyperparameter; `weights_rate_limit` its `weights_rate_limit` (weights are accepted once strictly more blocks
+    than this have passed since the hotkey's last accepted ones)."""
 
     netuid: int
     genesis: float
@@ -342,13 +346,13 @@ class LocalChain(Chain):
                 (uid, hotkey, coldkey, stake, block),
             )
         log.info(
-            "registered hotkey %s at uid %d (block %d, stake %g%s)",
+            "registered hotkey %s at uid %d (block %d, stake %g alpha%s)",
             hotkey, uid, block, stake, f", replacing {replaced[0]}" if replaced else "",
         )
         return uid
 
     def add_stake(self, hotkey: str, amount: float) -> float:
-        """Add `amount` (negative to unstake) to a registered hotkey's stake; returns the new stake."""
+        """Add `amount` alpha (negative to unstake) to a registered hotkey's stake; returns the new stake."""
         _check_key("hotkey", hotkey)
         amount = _check_amount("amount", amount)
         with self._transaction("add_stake", write=True) as conn:
@@ -384,8 +388,10 @@ class LocalChain(Chain):
             version_key = operator.index(version_key)
         except TypeError:
             return False, f"version_key must be an int, got {version_key!r}"
-        if version_key < self.params.min_version_key:
-            return False, f"version_key {version_key} is below the required {self.params.min_version_key}"
+        block = self.block()
+        problem = self._rules(block, None).version_problem(version_key)
+        if problem:
+            return False, problem
         try:
             hotkey = hotkey_of(wallet)
         except ChainError as error:
@@ -393,7 +399,6 @@ class LocalChain(Chain):
         uid_list = [int(uid) for uid in uids]
         total = sum(float(weight) for weight in weights)
         normalised = [float(weight) / total for weight in weights]
-        block = self.block()
         with self._transaction("set_weights", write=True) as conn:
             rows = conn.execute("SELECT uid, hotkey, stake FROM neurons").fetchall()
             own = next((row[0] for row in rows if row[1] == hotkey), None)
@@ -405,8 +410,9 @@ class LocalChain(Chain):
             if unknown:
                 return False, f"unknown uids {unknown[:10]}"
             last = conn.execute("SELECT block FROM weight_updates WHERE validator_uid = ?", (own,)).fetchone()
-            if last is not None and block - last[0] < self.params.weights_rate_limit:
-                return False, f"rate limited: {last[0] + self.params.weights_rate_limit - block} blocks left"
+            wait = self._rules(block, None if last is None else last[0]).blocks_to_wait()
+            if wait:
+                return False, f"rate limited: {wait} blocks left (weights_rate_limit {self.params.weights_rate_limit})"
             conn.execute("DELETE FROM weights WHERE validator_uid = ?", (own,))
             conn.executemany(
                 "INSERT INTO weights (validator_uid, uid, weight) VALUES (?, ?, ?)",
@@ -418,6 +424,18 @@ class LocalChain(Chain):
             )
         log.info("weights set by uid %d (%s) for %d uids at block %d", own, hotkey, len(uid_list), block)
         return True, f"weights set for {len(uid_list)} uids at block {block}"
+
+    def weights_rules(self, hotkey: str) -> WeightsRules:
+        block = self.block()
+        return self._rules(block, self.last_weights_block(hotkey))
+
+    def _rules(self, block: int, last_update: int | None) -> WeightsRules:
+        return WeightsRules(
+            block=block,
+            weights_version=self.params.min_version_key,
+            rate_limit=self.params.weights_rate_limit,
+            blocks_since_update=None if last_update is None else block - last_update,
+        )
 
     # ---- reads for the localnet leaderboard and tests ------------------------------------------------------
 
@@ -441,6 +459,7 @@ class LocalChain(Chain):
         return None if row is None else int(row[0])
 
     def _permitted_uids(self, uid_stakes: list[tuple[int, float]]) -> set[int]:
-        """Validator permits: the `max_validators` highest-stake neurons with stake > 0 (ties to the lower uid)."""
+        """Validator permits: the `max_validators` highest-stake neurons with stake > 0 (ties to the lower uid), as
+        subtensor gives them (there by alpha stake weight at each epoch)."""
         staked = sorted((item for item in uid_stakes if item[1] > 0), key=lambda item: (-item[1], item[0]))
         return {uid for uid, _ in staked[: self.params.max_validators]}
