@@ -19,7 +19,9 @@ import bittensor as bt
 __all__ = [
     "DEFAULT_NETUID",
     "add_chain_args",
+    "add_metrics_args",
     "add_neuron_args",
+    "add_state_dir_arg",
     "build_config",
     "new_parser",
     "setup_logging",
@@ -69,20 +71,18 @@ def add_chain_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_neuron_args(parser: argparse.ArgumentParser, role: str) -> None:
-    """Flags every neuron has: state folder, device, sync cadence, monitoring."""
+def add_state_dir_arg(parser: argparse.ArgumentParser, role: str) -> None:
+    """`--neuron.state_dir`, defaulting to DEFAULT_HOME/<role>."""
     parser.add_argument(
         "--neuron.state_dir",
         type=str,
         default=str(DEFAULT_HOME / role),
         help="Folder for this neuron's state, heartbeat and caches.",
     )
-    parser.add_argument(
-        "--neuron.device", type=str, default="auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1 ..."
-    )
-    parser.add_argument(
-        "--neuron.sync_interval", type=float, default=300.0, help="Seconds between metagraph syncs."
-    )
+
+
+def add_metrics_args(parser: argparse.ArgumentParser) -> None:
+    """`--neuron.metrics_port` and `--neuron.metrics_host` (Prometheus endpoint)."""
     parser.add_argument(
         "--neuron.metrics_port",
         type=int,
@@ -92,6 +92,22 @@ def add_neuron_args(parser: argparse.ArgumentParser, role: str) -> None:
     parser.add_argument(
         "--neuron.metrics_host", type=str, default="127.0.0.1", help="Interface the metrics endpoint binds to."
     )
+
+
+def add_neuron_args(parser: argparse.ArgumentParser, role: str) -> None:
+    """Flags every chain neuron has: state folder, device, sync cadence, metrics.
+
+    The generator has no chain and its own `--generator.device`: it takes `add_state_dir_arg` and
+    `add_metrics_args` only.
+    """
+    add_state_dir_arg(parser, role)
+    parser.add_argument(
+        "--neuron.device", type=str, default="auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1 ..."
+    )
+    parser.add_argument(
+        "--neuron.sync_interval", type=float, default=300.0, help="Seconds between metagraph syncs."
+    )
+    add_metrics_args(parser)
 
 
 def _nest(flat: dict[str, Any]) -> bt.Config:

@@ -170,6 +170,10 @@ class Metrics:
                                namespace=namespace, registry=reg)
         self.validator_steps = Counter("validator_steps_total", "Validator challenge steps completed.",
                                        namespace=namespace, registry=reg)
+        self.generated_images = Counter("generated_images_total", "Synthetic images the generator cached, by model.",
+                                        ["model"], namespace=namespace, registry=reg)
+        self.synthetic_cache_items = Gauge("synthetic_cache_items", "Images in the generator's synthetic cache.",
+                                           namespace=namespace, registry=reg)
 
     def record_request(self, outcome: str, latency_s: float | None = None) -> None:
         """Count one request by outcome (e.g. ok, blacklisted, bad_image, timeout, error); observe its latency."""
@@ -201,6 +205,11 @@ class Metrics:
     def record_step(self) -> None:
         """Count one completed validator step."""
         self.validator_steps.inc()
+
+    def record_image(self, model: str, cache_items: int) -> None:
+        """Count one cached synthetic image and publish the cache's size after it."""
+        self.generated_images.labels(model=model).inc()
+        self.synthetic_cache_items.set(cache_items)
 
 
 def _is_real(value: Any) -> bool:

@@ -2,9 +2,14 @@
 
 Loop: take a real image (the validator's datasets by default) → caption it with BLIP-2 → rewrite the caption with
 an LLM → moderate → generate with a diffusion model → write image + JSON sidecar to the cache the validator reads.
-Each round picks one model (so a model swap is paid once per round, not per image) and makes `--generator.batch`
-images with it, then waits `--generator.interval` seconds. A failed image is logged and skipped; SIGINT/SIGTERM
-stop after the current image.
+Each round picks one model (so a model swap is paid once per round, not per image), makes `--generator.batch`
+prompts and then the images with that model, then waits `--generator.interval` seconds. A failed prompt or image is
+logged and skipped; SIGINT/SIGTERM stop after the current one.
+
+Memory: see validator/generation/memory.py (the plan is logged at start). Monitoring like the miner and validator:
+a heartbeat file (<neuron.state_dir>/heartbeat.json: images, failures, cache size, state) rewritten after every
+prompt and image, optional Prometheus metrics, and a watchdog that exits with code 75 when nothing progresses for
+`--neuron.watchdog_timeout` seconds so pm2 restarts the process.
 
 Offline demo with tiny local models (see validator/generation/tiny_models.py):
     python -m neurons.generator --generator.models /m/sd --generator.captioner /m/blip2 \
@@ -25,20 +30,43 @@ from typing import Any
 
 import torch
 
-from bitmind.config import DEFAULT_HOME, build_config, new_parser, setup_logging
+from bitmind.config import (
+    DEFAULT_HOME,
+    add_metrics_args,
+    add_state_dir_arg,
+    build_config,
+    new_parser,
+    setup_logging,
+)
+from bitmind.monitoring import Monitor, add_monitoring_args
 from validator.challenges.cache import ImageCache
 from validator.challenges.real import RealImageSource, parse_dataset_list
 from validator.generation.captioner import DEFAULT_CAPTIONER, Captioner
-from validator.generation.diffusion import DiffusionModelPool, ModelConfigError, NoModelAvailable, parse_model_list
-from validator.generation.pipeline import PROMPT_MODES, NoSourceImage, SyntheticImagePipeline
+from validator.generation.diffusion import (
+    DiffusionModelPool,
+    ModelConfigError,
+    NoModelAvailable,
+    check_pipeline_classes,
+    parse_model_list,
+)
+from validator.generation.memory import Residency, modules_gb, plan_memory
+from validator.generation.pipeline import (
+    PROMPT_MODES,
+    GenerationRecord,
+    NoSourceImage,
+    PromptRecord,
+    SyntheticImagePipeline,
+)
 from validator.generation.prompt_rewriter import DEFAULT_REWRITER, PromptRewriter
 
-__all__ = ["add_generator_args", "main", "run"]
+__all__ = ["Progress", "add_generator_args", "build_parser", "main", "run"]
 
 log = logging.getLogger(__name__)
 
 NO_REWRITER = "none"
 SOURCE_WAIT_S = 5.0
+# The first image of a model includes loading it, and downloading it on first use (FLUX.1-dev is ~34 GB).
+WATCHDOG_TIMEOUT_S = 3600.0
 
 
 def add_generator_args(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +87,15 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
         help="Load the rewriter 4-bit with bitsandbytes (GPU only; CPUs always load full precision).")
     add("--generator.device", type=str, default="auto", help="Torch device: auto (CUDA when present), cpu, cuda:N.")
     add("--generator.vram_budget_gb", type=float, default=0.0,
-        help="Memory the loaded diffusion models may use; least recently used ones are dropped beyond it "
-             "(0: 95%% of the GPU memory free after loading the captioner and rewriter).")
+        help="GB the loaded diffusion models may hold (least recently used ones are dropped beyond it). 0: measured "
+             "after the captioner and rewriter load: 0.95 of the free GPU memory, all three staying resident, when "
+             "the largest configured model's vram_gb fits there; otherwise the captioner and rewriter wait in host "
+             "RAM during each round's images (the diffusion models wait there during its prompts) and the budget "
+             "adds their memory. A set value is used as given, with the same swap when it does not fit beside them. "
+             "On CPU or with --generator.cpu_offload it counts host RAM (0: 0.8 of what is available).")
     add("--generator.cpu_offload", action="store_true",
-        help="enable_model_cpu_offload: weights stay in host RAM, each component visits the GPU while it runs.")
+        help="enable_model_cpu_offload: diffusion weights stay in host RAM, each component visits the GPU while "
+             "it runs; the captioner and rewriter also wait in host RAM while images are made.")
     add("--generator.batch", type=int, default=10, help="Images per round, all made with one randomly chosen model.")
     add("--generator.interval", type=float, default=0.0, help="Seconds to wait between rounds.")
     add("--generator.max_images", type=int, default=0, help="Stop after this many images (0: run until stopped).")
@@ -71,8 +104,8 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
         help="Real images to caption: 'default' (the validator's datasets), 'packaged' (the small sample shipped "
              "with the package), or a comma list of hub ids / local parquet files or folders / image folders, each "
              "optionally with ?split=&labels=0 (see validator/challenges/real.py).")
-    add("--generator.real_cache_dir", type=str, default=str(DEFAULT_HOME / "generator" / "real_cache"),
-        help="Where the generator caches the real images it captions.")
+    add("--generator.real_cache_dir", type=str, default="",
+        help="Where the generator caches the real images it captions (empty: <neuron.state_dir>/real_cache).")
     add("--generator.real_cache_max_gb", type=float, default=2.0, help="Size cap of that real-image cache.")
     add("--generator.resolution", type=int, default=0,
         help="Output side in pixels for every model, a multiple of 8 (0: each model's own resolution).")
@@ -86,8 +119,14 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`--generator.*` plus the monitoring flags the miner and validator have (no `--neuron.device`: the device is
+    `--generator.device`)."""
     parser = new_parser("Generate synthetic challenge images into the validator's cache.")
     add_generator_args(parser)
+    add_state_dir_arg(parser, "generator")
+    add_metrics_args(parser)
+    add_monitoring_args(parser)
+    parser.set_defaults(**{"neuron.watchdog_timeout": WATCHDOG_TIMEOUT_S})
     return parser
 
 
@@ -108,9 +147,17 @@ def _check(parser: argparse.ArgumentParser, config: Any) -> None:
         problems.append("vram_budget_gb must be >= 0")
     if g.device != "auto":
         try:
-            torch.device(g.device)
+            device = torch.device(g.device)
         except RuntimeError as err:
             problems.append(f"--generator.device: {err}")
+        else:
+            if device.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--generator.device {g.device}: no CUDA device is available (use auto or cpu)")
+    n = config.neuron
+    if not n.watchdog_timeout >= 0:
+        problems.append(f"--neuron.watchdog_timeout must be >= 0 seconds, got {n.watchdog_timeout}")
+    if not 0 <= n.metrics_port <= 65535:
+        problems.append(f"--neuron.metrics_port must be in 0..65535, got {n.metrics_port}")
     for flag in ("captioner", "rewriter"):
         value = str(g[flag])
         if value != NO_REWRITER and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
@@ -154,8 +201,9 @@ def _real_source(config: Any, seed: int):
         datasets = None
     else:
         datasets = parse_dataset_list(g.real_source)
+    cache_dir = g.real_cache_dir or str(Path(config.neuron.state_dir).expanduser() / "real_cache")
     source = RealImageSource(
-        datasets, g.real_cache_dir, max_bytes=int(g.real_cache_max_gb * 1e9), image_format="png", seed=seed
+        datasets, cache_dir, max_bytes=int(g.real_cache_max_gb * 1e9), image_format="png", seed=seed
     )
     added = source.fill_round()
     log.info("real-image source: %d sources, %d images cached (%d added now)", len(source.specs), len(source), added)
@@ -163,26 +211,43 @@ def _real_source(config: Any, seed: int):
     return source
 
 
+def _load_helpers(g: Any, device: torch.device) -> tuple[Captioner, PromptRewriter | None]:
+    """The captioner and (unless 'none') the rewriter, loaded on `device`."""
+    captioner = Captioner(g.captioner, device=str(device))
+    rewriter = None
+    if g.rewriter != NO_REWRITER:
+        rewriter = PromptRewriter(g.rewriter, device=str(device), quantize_4bit=g.rewriter_precision == "4bit")
+    return captioner, rewriter
+
+
 def run(config: Any, stop: threading.Event) -> int:
-    """Generate until `stop` is set or `max_images` are written; 0 on a clean stop, 1 when nothing can work."""
+    """Generate until `stop` is set or `max_images` are written; 0 on a clean stop, 1 when nothing can work.
+
+    Start-up order matters for memory: the captioner and rewriter load first, then the memory plan measures what is
+    left for the diffusion models (validator/generation/memory.py). The monitor (heartbeat, metrics, watchdog) starts
+    once loading is done, so a long first download is not mistaken for a hang.
+    """
     g = config.generator
     seed = g.seed if g.seed >= 0 else random.SystemRandom().randrange(2**32)
-    device = _device(g.device)
+    device = torch.device(_device(g.device))
     if g.torch_threads:
         torch.set_num_threads(g.torch_threads)
-    caption_mode = g.prompt_mode == "caption"
     log.info("generator starting: device %s, prompt mode %s, seed %d, cache %s",
              device, g.prompt_mode, seed, g.cache_dir)
-    source = captioner = rewriter = None
+    specs = parse_model_list(g.models)
+    source = None
     try:
-        pool = DiffusionModelPool(parse_model_list(g.models), device=device, budget_gb=g.vram_budget_gb or None,
-                                  cpu_offload=g.cpu_offload)
-        if caption_mode:
-            captioner = Captioner(g.captioner, device=device)
-            if g.rewriter != NO_REWRITER:
-                rewriter = PromptRewriter(g.rewriter, device=device, quantize_4bit=g.rewriter_precision == "4bit")
+        check_pipeline_classes(specs)
+        captioner, rewriter = _load_helpers(g, device) if g.prompt_mode == "caption" else (None, None)
+        helpers = [helper.model for helper in (captioner, rewriter) if helper is not None]
+        plan = plan_memory(device, modules_gb(helpers), max(spec.vram_gb or 0.0 for spec in specs),
+                           budget_gb=g.vram_budget_gb or None, cpu_offload=g.cpu_offload)
+        log.info(plan.describe())
+        pool = DiffusionModelPool(specs, plan.budget_gb, device=str(device), cpu_offload=g.cpu_offload)
+        if captioner is not None:
             source = _real_source(config, seed)
-    except Exception as err:  # noqa: BLE001 - a model or dataset that cannot load is fatal at start
+        monitor = Monitor.from_config(config, role="generator")
+    except Exception as err:  # noqa: BLE001 - a model, dataset or port that cannot be used is fatal at start
         log.error("cannot start: %s: %s", type(err).__name__, err)
         if source is not None:
             source.stop()
@@ -192,54 +257,129 @@ def run(config: Any, stop: threading.Event) -> int:
         pool, cache, source=source, captioner=captioner, rewriter=rewriter, prompt_mode=g.prompt_mode,
         resolution=g.resolution or None, steps=g.steps or None, image_format=g.image_format, seed=seed,
     )
+    progress = Progress(monitor, cache, g.max_failures)
+    progress.beat("started", device=str(device), memory_budget_gb=round(plan.budget_gb, 2),
+                  helpers_swapped=plan.swap_helpers)
     try:
-        return _loop(pipeline, g, stop)
+        code = _loop(pipeline, Residency(plan, device, helpers, pool), g, stop, progress)
+        progress.beat("stopped", exit_code=code)
+        return code
     finally:
         if source is not None:
             source.stop()
         pool.close()
+        monitor.close()
 
 
-def _loop(pipeline: SyntheticImagePipeline, g: Any, stop: threading.Event) -> int:
-    """Rounds of `batch` images with one model each; returns the exit code."""
-    written = failures = 0
+class Progress:
+    """This run's counts, reported after every prompt and image: heartbeat (which kicks the watchdog), metrics,
+    wandb and one log line per event."""
+
+    def __init__(self, monitor: Monitor, cache: Any, max_failures: int) -> None:
+        self.monitor = monitor
+        self.cache = cache
+        self.max_failures = max_failures
+        self.images = self.failures = self.failures_in_a_row = 0
+        self.cache_items, self.cache_mb = len(cache), cache.total_bytes() / 1e6
+
+    def beat(self, state: str, **extra: Any) -> None:
+        fields = {
+            "state": state, "images": self.images, "failures": self.failures,
+            "failures_in_a_row": self.failures_in_a_row, "cache_items": self.cache_items,
+            "cache_mb": round(self.cache_mb, 3), **extra,
+        }
+        self.monitor.beat(**fields)
+        self.monitor.wandb.log({k: v for k, v in fields.items() if isinstance(v, (int, float))})
+
+    def made(self, record: GenerationRecord) -> None:
+        self.images += 1
+        self.failures_in_a_row = 0
+        self.cache_items, self.cache_mb = len(self.cache), self.cache.total_bytes() / 1e6
+        meta = record.metadata
+        log.info(
+            "image %d: model=%s steps=%s seconds=%.1f cache=%d items/%.1f MB file=%s",
+            self.images, meta["model"], meta["call_args"].get("num_inference_steps", "default"),
+            meta["timings"]["total_s"], self.cache_items, self.cache_mb, record.path.name,
+        )
+        self.monitor.metrics.record_image(meta["model"], self.cache_items)
+        self.beat("images", model=meta["model"])
+
+    def failed(self, stage: str, err: Exception) -> bool:
+        """Count a failed prompt or image; True when `max_failures` in a row were reached."""
+        self.failures += 1
+        self.failures_in_a_row += 1
+        log.warning("%s failed (%d in a row): %s: %s", stage, self.failures_in_a_row, type(err).__name__, err)
+        self.monitor.metrics.record_error(stage)
+        self.beat(stage, last_error=f"{type(err).__name__}: {err}")
+        if self.failures_in_a_row >= self.max_failures:
+            log.error("stopping after %d failures in a row", self.failures_in_a_row)
+            return True
+        return False
+
+
+def _wait(stop: threading.Event, seconds: float, progress: Progress, state: str) -> None:
+    """Wait `seconds` (or until stopped), beating meanwhile: a planned wait is not a hang for the watchdog."""
+    watchdog = progress.monitor.watchdog
+    step = watchdog.timeout_s / 3 if watchdog is not None else seconds
+    end = time.monotonic() + seconds
+    progress.beat(state)
+    while not stop.is_set() and (left := end - time.monotonic()) > 0:
+        stop.wait(min(left, step))
+        progress.beat(state)
+
+
+def _prompts(pipeline: SyntheticImagePipeline, count: int, stop: threading.Event, progress: Progress
+             ) -> list[PromptRecord] | None:
+    """`count` prompts (fewer when stopped); None after `max_failures` failures in a row."""
+    prompts: list[PromptRecord] = []
+    while len(prompts) < count and not stop.is_set():
+        try:
+            prompts.append(pipeline.make_prompt())
+        except NoSourceImage:
+            log.info("no real image cached yet; waiting %.0f s for the real-image filler", SOURCE_WAIT_S)
+            _wait(stop, SOURCE_WAIT_S, progress, "waiting_for_real_images")
+            continue
+        except Exception as err:  # noqa: BLE001 - one bad prompt must not stop the generator
+            if progress.failed("prompt", err):
+                return None
+            continue
+        progress.beat("prompts")
+    return prompts
+
+
+def _loop(pipeline: SyntheticImagePipeline, residency: Residency, g: Any, stop: threading.Event,
+          progress: Progress) -> int:
+    """Rounds of `batch` images with one model each: the round's prompts first, then its images (so a swap plan
+    moves models once per round); returns the exit code."""
     while not stop.is_set():
         try:
             model = pipeline.pick_model()
         except NoModelAvailable as err:
             log.error("stopping: %s", err)
             return 1
-        for _ in range(g.batch):
-            if stop.is_set() or (g.max_images and written >= g.max_images):
+        count = min(g.batch, g.max_images - progress.images) if g.max_images else g.batch
+        residency.for_prompts()
+        prompts = _prompts(pipeline, count, stop, progress)
+        if prompts is None:
+            return 1
+        residency.for_images()
+        for prompt in prompts:
+            if stop.is_set():
                 break
             try:
-                record = pipeline.run_once(model)
+                record = pipeline.render(prompt, model)
             except NoModelAvailable as err:
                 log.error("stopping: %s", err)
                 return 1
-            except NoSourceImage:
-                log.info("no real image cached yet; waiting %.0f s for the real-image filler", SOURCE_WAIT_S)
-                stop.wait(SOURCE_WAIT_S)
-                continue
             except Exception as err:  # noqa: BLE001 - one bad image must not stop the generator
-                failures += 1
-                log.warning("image failed (%d in a row): %s: %s", failures, type(err).__name__, err)
-                if failures >= g.max_failures:
-                    log.error("stopping after %d failures in a row", failures)
+                if progress.failed("image", err):
                     return 1
                 continue
-            failures = 0
-            written += 1
-            meta = record.metadata
-            log.info(
-                "image %d: model=%s steps=%s seconds=%.1f cache=%d items/%.1f MB file=%s",
-                written, meta["model"], meta["call_args"].get("num_inference_steps", "default"),
-                meta["timings"]["total_s"], len(pipeline.cache), pipeline.cache.total_bytes() / 1e6, record.path.name,
-            )
-        if g.max_images and written >= g.max_images:
-            log.info("wrote %d images (max_images); stopping", written)
+            progress.made(record)
+        if g.max_images and progress.images >= g.max_images:
+            log.info("wrote %d images (max_images); stopping", progress.images)
             break
-        stop.wait(g.interval)
+        _wait(stop, g.interval, progress, "idle")
     return 0
 
 

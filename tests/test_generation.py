@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bitmind.monitoring import Monitor
 from neurons import generator
 from tests._tiny_models import tiny_models  # noqa: F401 - session fixture
 from validator.challenges.cache import ImageCache
@@ -345,7 +346,7 @@ def test_model_that_fails_to_load_is_skipped_and_others_generate(tiny_models, tm
 def test_pool_rejects_unknown_pipeline_class(tmp_path):
     specs = parse_model_list(str(_yaml(tmp_path, "- {name: x, path: a/b, pipeline: NoSuchPipeline}\n")))
     with pytest.raises(ModelConfigError, match="NoSuchPipeline"):
-        DiffusionModelPool(specs)
+        DiffusionModelPool(specs, budget_gb=1)
 
 
 def test_image_flagged_by_safety_checker_is_refused(monkeypatch):
@@ -427,19 +428,42 @@ def _generator_args(models, tmp_path: Path, *extra: str) -> list[str]:
         "--generator.resolution", "64",
         "--generator.steps", "1",
         "--generator.cache_dir", str(tmp_path / "synthetic"),
-        "--generator.real_cache_dir", str(tmp_path / "real_cache"),
-        "--generator.vram_budget_gb", "4",
+        "--neuron.state_dir", str(tmp_path / "state"),
         *extra,
     ]
 
 
-def test_generator_writes_max_images_and_exits_0(tiny_models, tmp_path, restore_logging):
+def test_generator_run_writes_images_heartbeat_and_budgets_after_the_helpers_load(
+    tiny_models, tmp_path, restore_logging, monkeypatch
+):
+    """The whole process on tiny models: images cached, heartbeat with the counts, memory measured after loading."""
+    events = []
+
+    class RecordingCaptioner(Captioner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            events.append("captioner loaded")
+
+    class RecordingRewriter(PromptRewriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            events.append("rewriter loaded")
+
+    def free_host_ram(device):  # stand-in for the memory query: 5 GB of host RAM free
+        events.append(f"measured {device}")
+        return 5.0
+
+    monkeypatch.setattr(generator, "Captioner", RecordingCaptioner)
+    monkeypatch.setattr(generator, "PromptRewriter", RecordingRewriter)
+    monkeypatch.setattr("validator.generation.memory.free_memory_gb", free_host_ram)
     real = _image_folder(tmp_path / "real")
     argv = _generator_args(
         tiny_models, tmp_path, "--generator.real_source", str(real), "--generator.max_images", "2",
         "--generator.batch", "1", "--generator.seed", "3",
     )
     assert generator.main(argv) == 0
+    assert events == ["captioner loaded", "rewriter loaded", "measured cpu"]
+
     items = ImageCache(tmp_path / "synthetic").items()
     assert len(items) == 2
     for item in items:
@@ -448,10 +472,33 @@ def test_generator_writes_max_images_and_exits_0(tiny_models, tmp_path, restore_
         assert meta["model"] in ("sd", "sd_b") and meta["caption"].startswith("An image of")
         assert meta["rewriter"] == str(tiny_models.llm) and meta["call_args"]["num_inference_steps"] == 1
         assert Image.open(item.image_path).size == (64, 64)
+    assert any((tmp_path / "state" / "real_cache").iterdir())  # the real-image cache follows --neuron.state_dir
+
+    beat = json.loads((tmp_path / "state" / "heartbeat.json").read_text())
+    assert beat["role"] == "generator" and beat["pid"] == os.getpid()
+    assert (beat["state"], beat["exit_code"], beat["images"], beat["failures"]) == ("stopped", 0, 2, 0)
+    assert beat["cache_items"] == 2 and beat["cache_mb"] > 0 and beat["model"] in ("sd", "sd_b")
+    assert beat["memory_budget_gb"] == pytest.approx(4.0)  # 80 % of the 5 GB measured after loading
+    assert beat["helpers_swapped"] is False  # on CPU moving to host RAM would be a no-op
+
+
+def test_generator_parser_takes_the_start_script_flags(tmp_path):
+    """The exact flags scripts/start_generator.sh passes, through the real parser."""
+    argv = ["--generator.device", "cpu", "--neuron.metrics_port", "0", "--neuron.state_dir", str(tmp_path / "s"),
+            "--neuron.heartbeat_file", str(tmp_path / "hb.json"), "--neuron.watchdog_timeout", "120",
+            "--neuron.metrics_host", "127.0.0.1", "--wandb.project", "p"]
+    config = generator.build_config(generator.build_parser(), argv)
+    assert config.generator.device == "cpu" and config.wandb.project == "p"
+    n = config.neuron
+    assert (n.metrics_port, n.metrics_host, n.watchdog_timeout) == (0, "127.0.0.1", 120.0)
+    assert (n.state_dir, n.heartbeat_file) == (str(tmp_path / "s"), str(tmp_path / "hb.json"))
+    defaults = generator.build_config(generator.build_parser(), []).neuron
+    assert defaults.watchdog_timeout == generator.WATCHDOG_TIMEOUT_S and defaults.heartbeat_file == ""
+    assert defaults.state_dir.endswith("generator")
 
 
 def test_generator_flags_reach_the_code(tiny_models, tmp_path):
-    argv = _generator_args(tiny_models, tmp_path, "--generator.batch", "7")
+    argv = _generator_args(tiny_models, tmp_path, "--generator.batch", "7", "--generator.vram_budget_gb", "4")
     config = generator.build_config(generator.build_parser(), argv)
     g = config.generator
     assert (g.batch, g.resolution, g.steps, g.vram_budget_gb) == (7, 64, 1, 4.0)
@@ -467,14 +514,19 @@ def test_generator_flags_reach_the_code(tiny_models, tmp_path):
         (["--generator.batch", "0"], "batch"),
         (["--generator.captioner", "/no/such/blip"], "captioner"),
         (["--generator.device", "gpu0"], "device"),
+        (["--generator.device", "cuda:0"], "no CUDA device is available"),
         (["--generator.prompt_mode", "dream"], "prompt_mode"),
         (["--generator.real_source", "/no/such/parquet.parquet"], "real_source"),
         (["--generator.real_source", "owner/data?colour=red"], "unknown dataset option"),
         (["--generator.real_source", ","], "real_source"),
+        (["--neuron.watchdog_timeout", "-1"], "watchdog_timeout"),
+        (["--neuron.metrics_port", "70000"], "metrics_port"),
+        (["--neuron.device", "cpu"], "unrecognized"),  # the generator's device flag is --generator.device
         (["--generator.bogus", "1"], "unrecognized"),
     ],
 )
-def test_generator_bad_flags_exit_2_with_a_clear_message(flags, message, capsys):
+def test_generator_bad_flags_exit_2_with_a_clear_message(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exited:
         generator.main(flags)
     assert exited.value.code == 2
@@ -485,7 +537,7 @@ def test_generator_exits_1_when_the_captioner_cannot_load(tmp_path, restore_logg
     bad = tmp_path / "not_blip"
     bad.mkdir()
     argv = ["--generator.captioner", str(bad), "--generator.device", "cpu",
-            "--generator.cache_dir", str(tmp_path / "c")]
+            "--generator.cache_dir", str(tmp_path / "c"), "--neuron.state_dir", str(tmp_path / "s")]
     assert generator.main(argv) == 1
 
 
@@ -498,7 +550,7 @@ class _StubCache:
 
 
 class _ScriptedPipeline:
-    """Stands in for SyntheticImagePipeline in loop tests: each run_once raises or succeeds as scripted."""
+    """Stands in for SyntheticImagePipeline in loop tests: each render raises or succeeds as scripted."""
 
     cache = _StubCache()
 
@@ -508,32 +560,108 @@ class _ScriptedPipeline:
     def pick_model(self):
         return "m"
 
-    def run_once(self, model):
+    def make_prompt(self):
+        return "a prompt"
+
+    def render(self, prompt, model):
         outcome = next(self.outcomes)
         if isinstance(outcome, Exception):
             raise outcome
         return SimpleNamespace(metadata={"model": model, "call_args": {}, "timings": {"total_s": 0.1}}, path=Path("x"))
 
 
-def test_loop_logs_a_failed_image_and_continues(caplog):
+class _Resident:
+    def for_prompts(self):
+        pass
+
+    def for_images(self):
+        pass
+
+
+def _progress(tmp_path, max_failures):
+    config = {"neuron": {"heartbeat_file": str(tmp_path / "hb.json"), "watchdog_timeout": 0, "metrics_port": 0}}
+    monitor = Monitor.from_config(config, role="generator")
+    return generator.Progress(monitor, _StubCache(), max_failures)
+
+
+def test_loop_logs_a_failed_image_continues_and_reports_counts(caplog, tmp_path):
     g = SimpleNamespace(batch=5, max_images=2, max_failures=3, interval=0.0)
+    progress = _progress(tmp_path, 3)
     with caplog.at_level(logging.INFO, logger="neurons.generator"):
-        assert generator._loop(_ScriptedPipeline([RuntimeError("boom"), "ok", "ok"]), g, threading.Event()) == 0
+        code = generator._loop(_ScriptedPipeline([RuntimeError("boom"), "ok", "ok"]), _Resident(), g,
+                               threading.Event(), progress)
+    assert code == 0
     messages = [r.getMessage() for r in caplog.records]
     assert any("image failed (1 in a row): RuntimeError: boom" in m for m in messages)
     assert sum(m.startswith("image ") and "model=m" in m for m in messages) == 2
+    beat = json.loads((tmp_path / "hb.json").read_text())
+    assert (beat["images"], beat["failures"], beat["failures_in_a_row"]) == (2, 1, 0)
+    assert beat["last_error"] == "RuntimeError: boom" and beat["cache_items"] == 1
+    registry = progress.monitor.metrics.registry
+    assert registry.get_sample_value("bitmind_generated_images_total", {"model": "m"}) == 2
+    assert registry.get_sample_value("bitmind_errors_total", {"kind": "image"}) == 1
+    assert registry.get_sample_value("bitmind_synthetic_cache_items") == 1
 
 
-def test_loop_gives_up_after_max_failures_in_a_row():
+def test_loop_gives_up_after_max_failures_in_a_row(tmp_path):
     g = SimpleNamespace(batch=10, max_images=0, max_failures=3, interval=0.0)
-    assert generator._loop(_ScriptedPipeline([ValueError("x")] * 3), g, threading.Event()) == 1
+    progress = _progress(tmp_path, 3)
+    assert generator._loop(_ScriptedPipeline([ValueError("x")] * 3), _Resident(), g, threading.Event(), progress) == 1
+    assert json.loads((tmp_path / "hb.json").read_text())["failures_in_a_row"] == 3
 
 
-def test_loop_stops_when_asked():
+def test_loop_stops_when_asked(tmp_path):
     stop = threading.Event()
     stop.set()
     g = SimpleNamespace(batch=1, max_images=0, max_failures=1, interval=0.0)
-    assert generator._loop(_ScriptedPipeline([]), g, stop) == 0
+    assert generator._loop(_ScriptedPipeline([]), _Resident(), g, stop, _progress(tmp_path, 1)) == 0
+
+
+def test_waits_between_rounds_keep_the_watchdog_fed(tmp_path):
+    """A planned wait longer than the watchdog timeout is not a hang: the wait beats while it lasts."""
+    fired = []
+    config = {"neuron": {"heartbeat_file": str(tmp_path / "hb.json"), "watchdog_timeout": 0.3}}
+    monitor = Monitor.from_config(config, role="generator", on_watchdog_expire=fired.append)
+    progress = generator.Progress(monitor, _StubCache(), 1)
+    try:
+        generator._wait(threading.Event(), 1.0, progress, "idle")
+    finally:
+        monitor.close()
+    assert fired == [] and json.loads((tmp_path / "hb.json").read_text())["state"] == "idle"
+
+
+_STALL_AT_FIRST_IMAGE = """
+import sys, threading
+from validator.generation import diffusion
+from neurons import generator
+
+def hung_gpu_call(self, *args, **kwargs):
+    threading.Event().wait()
+
+diffusion.DiffusionModelPool.generate = hung_gpu_call
+sys.exit(generator.main(sys.argv[1:]))
+"""
+
+
+def test_generator_watchdog_exits_75_when_an_image_hangs(tiny_models, tmp_path):
+    """The real process with its real watchdog: a diffusion call that never returns ends it with code 75."""
+    import subprocess
+    import sys
+
+    from bitmind.monitoring import WATCHDOG_EXIT_CODE
+
+    argv = [
+        "--generator.models", str(tiny_models.sd), "--generator.prompt_mode", "static", "--generator.device", "cpu",
+        "--generator.cache_dir", str(tmp_path / "syn"), "--generator.torch_threads", "1",
+        "--neuron.state_dir", str(tmp_path / "state"), "--neuron.watchdog_timeout", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _STALL_AT_FIRST_IMAGE, *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == WATCHDOG_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "watchdog: no progress" in done.stdout + done.stderr
+    beat = json.loads((tmp_path / "state" / "heartbeat.json").read_text())
+    assert (beat["state"], beat["images"], beat["failures"]) == ("prompts", 0, 0)
 
 
 def test_generator_stops_cleanly_on_sigterm(tiny_models, tmp_path, restore_logging):
@@ -542,7 +670,8 @@ def test_generator_stops_cleanly_on_sigterm(tiny_models, tmp_path, restore_loggi
     argv = [
         "--generator.models", str(tiny_models.sd), "--generator.prompt_mode", "static", "--generator.device", "cpu",
         "--generator.resolution", "64", "--generator.steps", "1", "--generator.cache_dir", str(cache_dir),
-        "--generator.vram_budget_gb", "4", "--generator.batch", "1",
+        "--generator.vram_budget_gb", "4", "--generator.batch", "1", "--neuron.state_dir", str(tmp_path / "state"),
+        "--neuron.watchdog_timeout", "0",
     ]
     done = threading.Event()
 
@@ -564,3 +693,4 @@ def test_generator_stops_cleanly_on_sigterm(tiny_models, tmp_path, restore_loggi
     assert code == 0
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert len(ImageCache(cache_dir).items()) >= 1
+    assert json.loads((tmp_path / "state" / "heartbeat.json").read_text())["state"] == "stopped"

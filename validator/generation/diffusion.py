@@ -1,8 +1,9 @@
 """Text-to-image models: the default list with per-model arguments, and a pool that keeps them loaded.
 
 Loading a diffusion model takes tens of seconds, so a model is loaded ONCE and kept while it fits in a memory
-budget; when a new one does not fit, the least recently used ones are dropped. A model that fails to load is
-skipped from then on and the others keep generating.
+budget (decided by `memory.plan_memory`); when a new one does not fit, the least recently used ones are dropped.
+Under a swap plan `park()` moves the loaded pipelines to host RAM while the captioner and rewriter use the GPU, and
+`get()` brings one back. A model that fails to load is skipped from then on and the others keep generating.
 
 A model list is a comma-separated string of built-in names, hub ids (owner/name) and local pipeline folders, or a
 YAML file with a list of entries (a string like the above, or a mapping of `ModelSpec` fields; a mapping whose
@@ -19,7 +20,6 @@ YAML file with a list of entries (a string like the above, or a mapping of `Mode
 """
 
 import gc
-import itertools
 import logging
 import random
 import re
@@ -33,6 +33,8 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from validator.generation.memory import modules_gb
+
 __all__ = [
     "DEFAULT_MODELS",
     "DiffusionModelPool",
@@ -43,7 +45,7 @@ __all__ = [
     "NoModelAvailable",
     "RandomRange",
     "UnsafeImageError",
-    "auto_budget_gb",
+    "check_pipeline_classes",
     "parse_model_list",
 ]
 
@@ -286,24 +288,20 @@ def parse_model_list(value: str | Path) -> list[ModelSpec]:
     return specs
 
 
-def auto_budget_gb(device: "torch.device", cpu_offload: bool = False) -> float:  # noqa: F821
-    """95 % of free GPU memory, or 80 % of available host memory when models live on the CPU."""
-    import torch
+def check_pipeline_classes(specs: list[ModelSpec]) -> None:
+    """Raise ModelConfigError when a spec names a diffusers pipeline or scheduler class that does not exist."""
+    import diffusers
 
-    if device.type == "cuda" and not cpu_offload:
-        free, _total = torch.cuda.mem_get_info(device)
-        return free / 1e9 * 0.95
-    import psutil
-
-    return psutil.virtual_memory().available / 1e9 * 0.8
+    for spec in specs:
+        for attr in (spec.pipeline, spec.scheduler):
+            if attr is not None and not hasattr(diffusers, attr):
+                raise ModelConfigError(f"model {spec.name}: diffusers has no class {attr}")
 
 
 def _weights_gb(pipe: Any) -> float:
     import torch
 
-    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
-    tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
-    return sum(t.numel() * t.element_size() for t in tensors) / 1e9
+    return modules_gb(m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module))
 
 
 @dataclass(frozen=True)
@@ -322,6 +320,7 @@ class GeneratedImage:
 class _Loaded:
     pipe: Any
     gb: float
+    on_device: bool = True
 
 
 class DiffusionModelPool:
@@ -330,25 +329,23 @@ class DiffusionModelPool:
     def __init__(
         self,
         specs: list[ModelSpec],
+        budget_gb: float,
         device: str = "cpu",
-        budget_gb: float | None = None,
         cpu_offload: bool = False,
     ) -> None:
-        import diffusers
         import torch
 
         if not specs:
             raise ModelConfigError("no models configured")
-        for spec in specs:
-            for attr in (spec.pipeline, spec.scheduler):
-                if attr is not None and not hasattr(diffusers, attr):
-                    raise ModelConfigError(f"model {spec.name}: diffusers has no class {attr}")
+        if not budget_gb >= 0:
+            raise ValueError(f"budget_gb must be >= 0, got {budget_gb}")
+        check_pipeline_classes(specs)
         self.specs = {spec.name: spec for spec in specs}
         self.device = torch.device(device)
         self.cpu_offload = cpu_offload and self.device.type == "cuda"
         if cpu_offload and not self.cpu_offload:
             log.info("cpu offload only applies to CUDA devices; ignored on %s", self.device)
-        self.budget_gb = budget_gb if budget_gb and budget_gb > 0 else auto_budget_gb(self.device, self.cpu_offload)
+        self.budget_gb = float(budget_gb)
         self.failed: dict[str, str] = {}
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         log.info(
@@ -364,14 +361,44 @@ class DiffusionModelPool:
         """Loaded models, least recently used first."""
         return list(self._loaded)
 
+    def parked(self) -> list[str]:
+        """Loaded models currently moved to host RAM by `park()`."""
+        return [name for name, entry in self._loaded.items() if not entry.on_device]
+
     def used_gb(self) -> float:
         return sum(entry.gb for entry in self._loaded.values())
 
+    def park(self) -> None:
+        """Move the loaded pipelines to host RAM (swap plan: the captioner and rewriter are about to use the GPU).
+
+        With CPU offload the offload hooks already return every component to host RAM after each call.
+        """
+        if self.cpu_offload:
+            return
+        moved = [name for name, entry in self._loaded.items() if entry.on_device]
+        if not moved:
+            return
+        start = time.perf_counter()
+        for name in moved:
+            self._loaded[name].pipe.to("cpu")
+            self._loaded[name].on_device = False
+        self._free_cache()
+        log.info("parked models %s (%.2f GB) in host RAM in %.1f s", ", ".join(moved),
+                 sum(self._loaded[name].gb for name in moved), time.perf_counter() - start)
+
     def get(self, name: str) -> Any:
-        """The loaded pipeline for `name`, loading it (and evicting LRU models) when needed."""
-        if name in self._loaded:
+        """The loaded pipeline for `name` (back on the device if parked), loading it and evicting LRU models when
+        needed."""
+        entry = self._loaded.get(name)
+        if entry is not None:
             self._loaded.move_to_end(name)
-            return self._loaded[name].pipe
+            if not entry.on_device:
+                start = time.perf_counter()
+                entry.pipe.to(self.device)
+                entry.on_device = True
+                log.info("moved model %s (%.2f GB) back to %s in %.1f s", name, entry.gb, self.device,
+                         time.perf_counter() - start)
+            return entry.pipe
         if name not in self.specs:
             raise ModelConfigError(f"unknown model {name!r}; configured: {', '.join(self.specs)}")
         if name in self.failed:
@@ -465,12 +492,15 @@ class DiffusionModelPool:
         for name in [n for n in self._loaded if n != keep]:
             self._drop(name, why)
 
-    def _drop(self, name: str, why: str) -> None:
+    def _free_cache(self) -> None:
         import torch
 
-        self._loaded.pop(name)
         gc.collect()
-        if torch.cuda.is_available():
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _drop(self, name: str, why: str) -> None:
+        self._loaded.pop(name)
+        self._free_cache()
         log.info("evicted model %s %s (loaded: %s; %.2f/%.1f GB)", name, why, ", ".join(self._loaded) or "none",
                  self.used_gb(), self.budget_gb)

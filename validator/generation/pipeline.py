@@ -1,5 +1,9 @@
 """One synthetic challenge image: real image → caption → rewrite → moderate → generate → cache.
 
+The two halves are separate calls, `make_prompt()` (captioner and rewriter) and `render()` (diffusion model and
+cache), so that the generator can make a round's prompts before its images and move models between the GPU and host
+RAM once per round (see `memory.py`); `run_once()` does both for one image.
+
 Each cached image carries a JSON sidecar with everything needed to audit or reproduce it: the prompt, the original
 caption, the model and its drawn call arguments, the seed, the real image it was modelled on, and timings.
 """
@@ -28,6 +32,7 @@ __all__ = [
     "GenerationRecord",
     "ImageSource",
     "NoSourceImage",
+    "PromptRecord",
     "SyntheticImagePipeline",
 ]
 
@@ -59,6 +64,15 @@ class ImageSource(Protocol):
 
 class NoSourceImage(RuntimeError):
     """The real-image source has nothing cached yet (its filler is still downloading)."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A moderated prompt with its provenance (metadata fields) and how long each step took."""
+
+    info: dict[str, Any]
+    timings: dict[str, float]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -129,17 +143,26 @@ class SyntheticImagePipeline:
 
     def run_once(self, model: str | None = None) -> GenerationRecord:
         """Make, cache and return one image; with `model`, that model unless it fails to load."""
+        return self.render(self.make_prompt(), model)
+
+    def make_prompt(self) -> PromptRecord:
+        """A prompt: from a static list, or from a real image captioned, rewritten and moderated."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        prompt_info = self._prompt(timings)
-        generated = self._generate(prompt_info["prompt"], model)
-        timings.update(load_s=generated.load_s, generate_s=generated.generate_s)
-        timings["total_s"] = time.perf_counter() - start
+        info = self._prompt(timings)
+        return PromptRecord(info, timings, time.perf_counter() - start)
+
+    def render(self, prompt: PromptRecord, model: str | None = None) -> GenerationRecord:
+        """Generate `prompt` (with `model` unless it fails to load), cache the image and return where it went."""
+        start = time.perf_counter()
+        generated = self._generate(prompt.info["prompt"], model)
+        timings = {**prompt.timings, "load_s": generated.load_s, "generate_s": generated.generate_s}
+        timings["total_s"] = prompt.seconds + time.perf_counter() - start
         spec = generated.model
         metadata = {
             "label": 1,
             "kind": "synthetic",
-            **prompt_info,
+            **prompt.info,
             "model": spec.name,
             "model_path": spec.path,
             "pipeline": spec.pipeline,

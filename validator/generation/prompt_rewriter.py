@@ -83,7 +83,8 @@ class PromptRewriter:
             lm = lm.to(self.device)
         self.quantized_4bit = bool(getattr(lm, "is_loaded_in_4bit", False))
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.generator = pipeline("text-generation", model=lm.eval(), tokenizer=tokenizer)
+        self.model: Any = lm.eval()  # moved to host RAM and back in place by memory.Residency under a swap plan
+        self.generator = pipeline("text-generation", model=self.model, tokenizer=tokenizer)
         log.info("loaded rewriter %s on %s (4-bit: %s) in %.1f s", model, self.device, self.quantized_4bit,
                  time.perf_counter() - start)
 
