@@ -19,7 +19,7 @@ for role in miner validator; do
     fi
   fi
 done
-: "${AUTOUPDATE_INTERVAL:=300}" "${AUTOUPDATE_REMOTE:=origin}" "${PM2_BIN:=pm2}"
+: "${AUTOUPDATE_INTERVAL:=300}" "${AUTOUPDATE_REMOTE:=origin}"
 : "${AUTOUPDATE_APPS:=${DEFAULT_APPS[*]}}"
 [[ -n "$AUTOUPDATE_APPS" ]] || die "no miner.env or validator.env in $REPO_ROOT and AUTOUPDATE_APPS unset: nothing to restart"
 require_uint AUTOUPDATE_INTERVAL
@@ -28,8 +28,9 @@ ARGS=(--repo "$REPO_ROOT" --remote "$AUTOUPDATE_REMOTE" --interval "$AUTOUPDATE_
 add_flag_if_set --branch AUTOUPDATE_BRANCH
 add_flag_if_set --install-cmd AUTOUPDATE_INSTALL_CMD
 read -r -a apps <<<"$AUTOUPDATE_APPS"
+pm2="$(pm2_bin)"
 for app in "${apps[@]}"; do
-  ARGS+=(--restart-cmd "$(printf '%q restart %q' "$PM2_BIN" "$app")")
+  ARGS+=(--restart-cmd "$(printf '%q restart %q' "$pm2" "$app")")
 done
 
 log "auto-updater for apps: ${apps[*]}"

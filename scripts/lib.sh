@@ -76,19 +76,23 @@ add_words() {
   ARGS+=("${words[@]}")
 }
 
-# add_neuron_args: flags every chain-connected neuron (miner, validator) shares, from the env file's variables.
+# add_neuron_args: flags the miner and the validator share: wallet, subnet, chain, torch device, state, monitoring.
 add_neuron_args() {
   require_vars WALLET_NAME WALLET_HOTKEY
   : "${NETUID:=34}" "${SUBTENSOR_NETWORK:=finney}" "${CHAIN:=bittensor}" "${DEVICE:=auto}" "${METRICS_PORT:=0}"
-  require_uint NETUID AXON_PORT METRICS_PORT
+  require_uint NETUID METRICS_PORT
   [[ "$CHAIN" == bittensor || "$CHAIN" == local ]] || die "CHAIN must be bittensor or local, got '$CHAIN'"
-  ARGS+=(--wallet.name "$WALLET_NAME" --wallet.hotkey "$WALLET_HOTKEY" --netuid "$NETUID"
-    --subtensor.network "$SUBTENSOR_NETWORK" --chain "$CHAIN" --axon.port "$AXON_PORT"
+  if [[ -n "${SUBTENSOR_CHAIN_ENDPOINT:-}" && ! "$SUBTENSOR_CHAIN_ENDPOINT" =~ ^wss?://[^[:space:]]+$ ]]; then
+    die "SUBTENSOR_CHAIN_ENDPOINT must be a ws:// or wss:// URL, got '$SUBTENSOR_CHAIN_ENDPOINT'"
+  fi
+  # bittensor's endpoint resolution (Subtensor.setup_config) lets --subtensor.network, which always has a value,
+  # win over --subtensor.chain_endpoint: an endpoint is therefore passed AS the network (bittensor accepts a URL
+  # there and names the network after it: local, finney, test or unknown).
+  ARGS+=(--wallet.name "$WALLET_NAME" --wallet.hotkey "$WALLET_HOTKEY" --netuid "$NETUID" --chain "$CHAIN"
+    --subtensor.network "${SUBTENSOR_CHAIN_ENDPOINT:-$SUBTENSOR_NETWORK}"
     --neuron.device "$DEVICE" --neuron.metrics_port "$METRICS_PORT")
   add_flag_if_set --wallet.path WALLET_PATH
-  add_flag_if_set --subtensor.chain_endpoint SUBTENSOR_CHAIN_ENDPOINT
   add_flag_if_set --chain.path CHAIN_PATH
-  add_flag_if_set --axon.external_ip AXON_EXTERNAL_IP
   add_flag_if_set --neuron.state_dir STATE_DIR
   add_flag_if_set --neuron.heartbeat_file HEARTBEAT_FILE
   add_flag_if_set --neuron.watchdog_timeout WATCHDOG_TIMEOUT
@@ -96,4 +100,31 @@ add_neuron_args() {
   add_switch_if_true --wandb.on WANDB_ON
   add_flag_if_set --wandb.project WANDB_PROJECT
   add_flag_if_set --wandb.entity WANDB_ENTITY
+}
+
+# chain_label: the chain the neuron talks to, for the start-up log line (after add_neuron_args).
+chain_label() {
+  if [[ "$CHAIN" == local ]]; then
+    echo "local ${CHAIN_PATH:-(default path)}"
+  else
+    echo "${SUBTENSOR_CHAIN_ENDPOINT:-$SUBTENSOR_NETWORK}"
+  fi
+}
+
+# pm2_prefix: the npm prefix scripts/install_pm2.sh installs pm2 into (not a global install).
+pm2_prefix() {
+  echo "${PM2_PREFIX:-${BITMIND_HOME:-$HOME/.bitmind}/pm2}"
+}
+
+# pm2_bin: the pm2 to run: $PM2_BIN when set, else the one scripts/install_pm2.sh installed, else pm2 on PATH.
+pm2_bin() {
+  local installed
+  installed="$(pm2_prefix)/node_modules/.bin/pm2"
+  if [[ -n "${PM2_BIN:-}" ]]; then
+    echo "$PM2_BIN"
+  elif [[ -x "$installed" ]]; then
+    echo "$installed"
+  else
+    echo pm2
+  fi
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Ubuntu 22.04 / 24.04 box (GPU optional for a miner) to run this node under pm2:
-# system packages, Node.js + pm2 (+ log rotation), a Python venv at <repo>/.venv with this project installed,
-# optionally btcli in its own venv and a role's env file.
+# system packages, Node.js, pm2 (the pinned release, in a local npm prefix, via install_pm2.sh) + log rotation,
+# a Python venv at <repo>/.venv with this project installed, optionally btcli in its own venv and a role's env file.
 # Idempotent: every step checks first and does nothing when it is already done, so re-running it is safe
 # (the project is reinstalled only when setup.py / pyproject.toml / the version / EXTRAS changed).
 set -euo pipefail
@@ -18,7 +18,8 @@ Usage: scripts/setup_gpu_box.sh [--role miner|validator] [--with-btcli] [--skip-
   --skip-node    do not install Node.js / pm2
 
 Environment: PYTHON (default python3, must be 3.10-3.12), VENV_DIR (default <repo>/.venv),
-             EXTRAS (pip extras, e.g. "wandb"), NODE_MAJOR_MIN (default 18).
+             EXTRAS (pip extras, e.g. "wandb"), NODE_MAJOR_MIN (default 18),
+             PM2_PREFIX (where install_pm2.sh puts pm2, default ~/.bitmind/pm2).
 USAGE
 }
 
@@ -89,15 +90,14 @@ step_node() {
     hash -r
   fi
   log "ok: node $(node -v)"
-  if ! command -v pm2 >/dev/null; then
-    log "installing pm2"
-    as_root npm install -g pm2
+  NODE_MAJOR_MIN=$NODE_MAJOR_MIN "$REPO_ROOT/scripts/install_pm2.sh"
+  local pm2 logrotate_version=3.0.0
+  pm2="$("$REPO_ROOT/scripts/install_pm2.sh" --print-path)"
+  if [[ ! -d "${PM2_HOME:-$HOME/.pm2}/modules/pm2-logrotate" ]]; then
+    log "installing pm2-logrotate $logrotate_version (keeps the pm2 logs bounded)"
+    "$pm2" install "pm2-logrotate@$logrotate_version"
   fi
-  log "ok: pm2 $(pm2 -v)"
-  if [[ ! -d "$HOME/.pm2/modules/pm2-logrotate" ]]; then
-    log "installing pm2-logrotate (keeps ~/.pm2/logs bounded)"
-    pm2 install pm2-logrotate
-  fi
+  log "ok: pm2-logrotate; put pm2 on your PATH: export PATH=\"$(dirname "$pm2"):\$PATH\" (e.g. in ~/.bashrc)"
 }
 
 step_python() {
