@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--epoch-length",
         type=_number(int, 0, strict=True),
         default=5,
-        help="Blocks between the validator's weight settings (also the chain's weights rate limit).",
+        help="Blocks between the validator's weight settings; the local chain's weights_rate_limit is one less, "
+        "since the chain accepts weights once strictly more blocks than the limit have passed.",
     )
     parser.add_argument(
         "--step-interval",
@@ -525,7 +526,8 @@ class Localnet:
             self.chain_path,
             netuid=NETUID,
             seconds_per_block=self.args.seconds_per_block,
-            weights_rate_limit=self.args.epoch_length,
+            # strict rule (blocks since the last weights > limit): one less lets weights land every epoch_length
+            weights_rate_limit=self.args.epoch_length - 1,
         )
         validator = make_wallet(self.wallets, VALIDATOR_NAME)
         self.validator_hotkey = validator.hotkey.ss58_address
@@ -583,7 +585,7 @@ class Localnet:
             "--generator.prompt_mode", "static", "--generator.captioner", "none", "--generator.rewriter", "none",
             "--generator.resolution", "64", "--generator.steps", "2", "--generator.device", "cpu",
             "--generator.batch", "1", "--generator.interval", "10",
-            "--generator.real_source", "packaged", "--generator.real_cache_dir", str(self.workdir / "generator_real"),
+            "--generator.real_source", "packaged", "--neuron.state_dir", str(self.workdir / "generator"),
             *self._seed_flag("generator"),
         ]
         self._start(Child("generator", "generator", argv, self.logs / "generator.log"))

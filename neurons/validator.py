@@ -247,6 +247,7 @@ class Validator:
             step=self.steps_done, block=result.block, uid=self.uid, kind=result.kind,
             queried=len(result.uids), answered=result.answered,
             last_weights_block=self.weight_setter.last_success_block,
+            synthetic_cached=self.sampler.synthetic_cached(),
         )
 
     def _safe_step(self) -> bool | None:

@@ -316,10 +316,13 @@ KILL_AT = ROUNDS - 5  # late enough that the killed miner's decayed score still 
 @pytest.mark.slow
 def test_local_subnet_end_to_end_with_a_miner_killed(tmp_path):
     """A short localnet: weights reach the chain, the baseline ends last, a killed miner's score falls while the
-    validator goes on, and no child process outlives the run."""
+    validator goes on, every child keeps its files in the work folder, and no child process outlives the run."""
     from bitmind.chain.local import LocalChain
 
     workdir = tmp_path / "net"
+    home = tmp_path / "home"  # a child writing under ~/.bitmind (a missing --neuron.state_dir) shows up here
+    env = {key: value for key, value in os.environ.items() if key != "BITMIND_HOME"}
+    env["HOME"] = str(home)
     summary_path = tmp_path / "summary.json"
     output = tmp_path / "localnet.out"
     with output.open("w") as out:
@@ -328,7 +331,7 @@ def test_local_subnet_end_to_end_with_a_miner_killed(tmp_path):
              "--workdir", str(workdir), "--summary", str(summary_path), "--tolerate-miner-exit",
              "--seconds-per-block", "0.5", "--epoch-length", "4", "--step-interval", "0.3", "--query-timeout", "8",
              "--seed", "7"],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     pids: list[int] = []
     try:
@@ -373,9 +376,15 @@ def test_local_subnet_end_to_end_with_a_miner_killed(tmp_path):
                  "--validator.seed 7", f"--neuron.sample_size {len(E2E_MINERS)}"):
         assert flag in validator_argv
     assert "--generator.seed 7" in generator_argv
+    generator_beat = json.loads((workdir / "generator" / "heartbeat.json").read_text())
+    assert generator_beat["role"] == "generator" and generator_beat["pid"] in pids
+    validator_beat = json.loads((workdir / "validator" / "heartbeat.json").read_text())
+    assert validator_beat["synthetic_cached"] > 0  # the seeded sample, plus whatever the generator added
+    assert not (home / ".bitmind").exists()
     chain = LocalChain(status["chain"])
     try:
-        assert (chain.params.seconds_per_block, chain.params.weights_rate_limit) == (0.5, 4)
+        # weights land every epoch (4 blocks): the chain needs strictly more than weights_rate_limit blocks
+        assert (chain.params.seconds_per_block, chain.params.weights_rate_limit) == (0.5, 3)
         weights = chain.get_weights(status["validator"]["hotkey"])
         assert chain.last_weights_block(status["validator"]["hotkey"]) is not None
     finally:

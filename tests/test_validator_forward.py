@@ -171,6 +171,64 @@ def test_empty_synthetic_cache_gives_real_challenges_with_a_warning(world, tmp_p
     assert sum("no synthetic image cached" in record.getMessage() for record in caplog.records) == 2
 
 
+class ManualClock:
+    """A monotonic clock the test moves by hand: the alarm interval passes without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _alarms(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+
+
+def test_a_synthetic_cache_empty_for_long_raises_one_error_per_interval(tmp_path, caplog):
+    root = tmp_path / "synthetic"
+    clock = ManualClock()
+    sampler = ChallengeSampler(BrightSource(), SyntheticImageSource(root), Augmenter(), fake_probability=1.0,
+                               empty_alarm_s=600.0, clock=clock)
+    rng = np.random.default_rng(0)
+
+    def draw_at(*times: float) -> list[int]:
+        labels = []
+        for now in times:
+            clock.now = now
+            labels.append(sampler.sample(rng).label)
+        return labels
+
+    with caplog.at_level(logging.WARNING):
+        assert draw_at(0, 300, 599) == [0, 0, 0]  # fakes sent as real ones; no alarm yet: the generator may be starting
+        assert _alarms(caplog) == []
+        draw_at(600)
+        (alarm,) = _alarms(caplog)
+        assert f"synthetic cache {root} empty for 600 s: 4 fake challenges were sent as real ones" in alarm
+        assert "is bitmind_generator running?" in alarm and "pm2 logs bitmind_generator" in alarm
+        assert "python -m bitmind.monitoring check ~/.bitmind/generator/heartbeat.json" in alarm
+        draw_at(601, 900, 1199)
+        assert len(_alarms(caplog)) == 1  # at most one per interval
+        draw_at(1200)
+        assert len(_alarms(caplog)) == 2 and "empty for 1200 s: 8 fake challenges" in _alarms(caplog)[-1]
+
+        # a synthetic image drawn resets the count: a later outage is timed from its own start
+        fill_synthetic_cache(root, count=1)
+        assert draw_at(1300) == [1]
+        for path in root.iterdir():
+            path.unlink()
+        draw_at(1400, 1999)
+        assert len(_alarms(caplog)) == 2
+        draw_at(2000)
+        assert len(_alarms(caplog)) == 3 and "empty for 600 s: 3 fake challenges" in _alarms(caplog)[-1]
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, math.nan])
+def test_the_empty_cache_alarm_interval_must_be_positive(tmp_path, interval):
+    with pytest.raises(ValueError, match="empty_alarm_s must be > 0"):
+        ChallengeSampler(BrightSource(), SyntheticImageSource(tmp_path), empty_alarm_s=interval)
+
+
 def test_fake_challenge_carries_the_generator_metadata(world, tmp_path):
     _, _, view, _ = world
     synthetic = SyntheticImageSource(fill_synthetic_cache(tmp_path / "synthetic", count=1))

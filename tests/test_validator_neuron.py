@@ -398,11 +398,27 @@ def test_an_exception_inside_a_step_is_logged_and_the_next_step_runs(subnet, tmp
 def test_empty_synthetic_cache_issues_real_challenges_with_a_warning(subnet, tmp_path, caplog):
     sampler = ChallengeSampler(BrightSource(), SyntheticImageSource(tmp_path / "empty"), Augmenter(), 1.0)
     made = make_validator(subnet, tmp_path, "--validator.fake_prob", "1", sampler=sampler)
+    heartbeat_path = Path(made.config.neuron.state_dir) / "heartbeat.json"
     try:
         with caplog.at_level(logging.WARNING):
             results = [made.step() for _ in range(2)]
         assert [result.kind for result in results] == ["real", "real"]
         assert "no synthetic image cached yet" in caplog.text
+        # the heartbeat tells a health probe the cache is empty (0, not "no cache")
+        assert json.loads(heartbeat_path.read_text())["synthetic_cached"] == 0
+        fill_synthetic_cache(tmp_path / "empty", count=2)
+        assert made.step().kind == "fake"
+        assert json.loads(heartbeat_path.read_text())["synthetic_cached"] == 2
+    finally:
+        made.close()
+
+
+def test_heartbeat_says_when_there_is_no_synthetic_cache(subnet, tmp_path):
+    made = make_validator(subnet, tmp_path, sampler=ChallengeSampler(BrightSource(), None, Augmenter()))
+    try:
+        assert made.step() is not None
+        heartbeat = json.loads((Path(made.config.neuron.state_dir) / "heartbeat.json").read_text())
+        assert "synthetic_cached" in heartbeat and heartbeat["synthetic_cached"] is None
     finally:
         made.close()
 

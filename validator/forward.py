@@ -73,7 +73,8 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
     add("--neuron.timeout", type=float, default=DEFAULT_TIMEOUT,
         help="Seconds a miner has to answer a challenge; a later answer counts as none.")
     add("--neuron.vpermit_stake_limit", type=float, default=DEFAULT_VPERMIT_STAKE_LIMIT,
-        help="Neurons holding a validator permit and more stake than this are validators and are not queried.")
+        help="Neurons holding a validator permit and more stake (alpha, as in the metagraph's S) than this are "
+             "validators and are not queried.")
     add("--validator.fake_prob", type=float, default=DEFAULT_FAKE_PROB,
         help="Probability that a challenge is AI-generated (from the synthetic cache) rather than real.")
     add("--validator.real_datasets", type=str, default=",".join(DEFAULT_REAL_DATASETS),
