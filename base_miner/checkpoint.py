@@ -15,9 +15,11 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from base_miner.registry import ConfigError
+from bitmind.atomic import atomic_write_bytes
 
 __all__ = [
     "CONFIG_FILE",
@@ -108,12 +110,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(folder: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Path:
     """Write `model.safetensors` and `config.yaml` into `folder` (each replaced atomically) and return it.
 
@@ -121,12 +117,11 @@ def save_checkpoint(folder: str | Path, config: Mapping[str, Any], state_dict: M
     rebuilds the same model, and drops the machine-specific keys in `MACHINE_KEYS`.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     saved = {k: v for k, v in _plain(config).items() if k not in MACHINE_KEYS}
     saved["weights"] = "."
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state_dict.items()}
     metadata = {"format": "pt", "detector": str(saved.get("detector", ""))}
-    _write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _write_atomic(folder / CONFIG_FILE, lambda tmp: tmp.write_text(yaml.safe_dump(saved, sort_keys=False)))
+    atomic_write_bytes(folder / WEIGHTS_FILE, save_safetensors(tensors, metadata=metadata))
+    atomic_write_bytes(folder / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False).encode())
     log.info("saved checkpoint %s (%d tensors)", folder, len(tensors))
     return folder

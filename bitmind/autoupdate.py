@@ -8,8 +8,9 @@ test, and restarting a validator on every commit costs its in-flight challenge. 
   success restart the apps; on a failed install reset to the previous commit, reinstall it and restart nothing
   (the running processes keep the old code), and skip that version until a newer one appears.
 
-Run `python -m bitmind.autoupdate --once` for one check, or without `--once` to poll forever (pm2 app
-`bitmind_autoupdate`). After an update the forever loop re-executes itself so it runs the new updater code too.
+Run `python -m bitmind.autoupdate --once` for one check, or without `--once` to poll until SIGINT / SIGTERM (pm2 app
+`bitmind_autoupdate`; a signal ends the process after the check in progress). After an update the loop re-executes
+itself so it runs the new updater code too.
 """
 
 import argparse
@@ -18,10 +19,12 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,8 +216,28 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _stop_on_signals() -> tuple[threading.Event, list[str], Callable[[], None]]:
+    """SIGINT / SIGTERM (`pm2 stop`, Ctrl-C) set an event instead of raising KeyboardInterrupt, so a check in
+    progress ends cleanly (never half-way through an update) and the process exits with one log line instead of a
+    traceback in pm2's error log. Returns the event, the names of the signals received and a function that puts the
+    previous handlers back."""
+    stop, received = threading.Event(), []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return stop, received, restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: one check with --once, otherwise poll forever and re-exec after an update."""
+    """Entry point: one check with --once, otherwise poll until stopped and re-exec after an update."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stdout,
@@ -225,13 +248,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("auto-updater watching %s (%s/%s) every %.0f s; restart commands: %s", updater.repo, args.remote,
                 args.branch or "<current branch>", args.interval,
                 "; ".join(shlex.join(cmd) for cmd in args.restart_cmd) or "none")
-    if args.once:
-        return 0 if updater.check_once() in (Outcome.UP_TO_DATE, Outcome.UPDATED, Outcome.SKIPPED_FAILED_VERSION) else 1
-    while True:
-        if updater.check_once() in (Outcome.UPDATED, Outcome.UPDATED_RESTART_FAILED):
-            logger.info("re-executing the auto-updater to run the updated code")
-            os.execv(sys.executable, [sys.executable, "-m", "bitmind.autoupdate", *argv])
-        time.sleep(args.interval)
+    stop, received, restore = _stop_on_signals()
+    try:
+        if args.once:
+            outcome = updater.check_once()
+            return 0 if outcome in (Outcome.UP_TO_DATE, Outcome.UPDATED, Outcome.SKIPPED_FAILED_VERSION) else 1
+        while not stop.is_set():
+            outcome = updater.check_once()
+            if stop.is_set():
+                break
+            if outcome in (Outcome.UPDATED, Outcome.UPDATED_RESTART_FAILED):
+                logger.info("re-executing the auto-updater to run the updated code")
+                os.execv(sys.executable, [sys.executable, "-m", "bitmind.autoupdate", *argv])
+            stop.wait(args.interval)
+        logger.info("auto-updater stopped by %s", received[0])
+        return 0
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

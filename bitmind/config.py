@@ -126,9 +126,17 @@ def _nest(flat: dict[str, Any]) -> bt.Config:
 
 
 def build_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> bt.Config:
-    """Parse `argv` (default: the process's arguments) strictly into a nested `bt.Config`."""
-    namespace = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return _nest(vars(namespace))
+    """Parse `argv` (default: the process's arguments) strictly into a nested `bt.Config`.
+
+    A `--subtensor.chain_endpoint` other than bittensor's default also becomes `subtensor.network`: bittensor
+    resolves the network after the endpoint and the network always has a value (finney), so the endpoint would
+    otherwise be ignored without a word.
+    """
+    values = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    endpoint = values.get("subtensor.chain_endpoint")
+    if endpoint and endpoint != parser.get_default("subtensor.chain_endpoint"):
+        values["subtensor.network"] = endpoint
+    return _nest(values)
 
 
 def setup_logging(config: bt.Config) -> None:

@@ -17,7 +17,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
 from bitmind import __version__
+from bitmind.atomic import atomic_write_bytes
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -63,7 +63,7 @@ class Heartbeat:
     """Atomically rewritten JSON status file.
 
     Each `beat(**fields)` merges the fields into the status kept so far (so a `last_sync` reported once stays in the
-    file while later beats report steps) and rewrites the whole file via a temporary file plus `os.replace`, so a
+    file while later beats report steps) and rewrites the whole file atomically (`bitmind.atomic`), so a
     reader never sees a partial file. Values that JSON cannot encode are written as strings. Write failures (disk
     full, permissions) are logged and reported as False: a status file must never take the process down.
     """
@@ -90,7 +90,7 @@ class Heartbeat:
                 **self._fields,
             }
             try:
-                _write_json_atomically(self.path, status)
+                atomic_write_bytes(self.path, json.dumps(status, allow_nan=False, sort_keys=True).encode())
             except OSError as exc:
                 logger.warning("heartbeat write to %s failed: %s", self.path, exc)
                 return False
@@ -108,21 +108,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
     return str(value)
-
-
-def _write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
-    text = json.dumps(payload, allow_nan=False, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def check_heartbeat(path: str | os.PathLike[str], max_age_s: float) -> tuple[bool, str]:

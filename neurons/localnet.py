@@ -42,6 +42,7 @@ os.environ.setdefault("READ_ONLY", "1")  # before bittensor is imported: the orc
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from base_miner.registry import ConfigError, load_config  # noqa: E402
+from bitmind.atomic import atomic_write_bytes  # noqa: E402
 from bitmind.chain.base import ChainError  # noqa: E402
 from bitmind.chain.local import LocalChain  # noqa: E402
 from bitmind.dev_wallets import make_wallet  # noqa: E402
@@ -641,9 +642,7 @@ class Localnet:
                 for child in self.supervisor.children
             ],
         }
-        tmp = self.workdir / f".{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps(status, indent=2))
-        os.replace(tmp, self.workdir / STATUS_FILE)
+        atomic_write_bytes(self.workdir / STATUS_FILE, json.dumps(status, indent=2).encode())
 
     # ---- running --------------------------------------------------------------------------------------------
     def _wait(self, ready: Callable[[], bool], what: str, *children: Child) -> None:

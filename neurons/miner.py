@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Answer hotkeys that are not registered on the subnet (testing only).",
     )
     parser.add_argument(
-        "--blacklist.min_stake", type=float, default=0.0, help="Refuse callers with less stake than this."
+        "--blacklist.min_stake", type=float, default=0.0,
+        help="Refuse callers with less stake than this, in the subnet's alpha units (metagraph.S), not TAO.",
     )
     return parser
 

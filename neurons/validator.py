@@ -8,7 +8,7 @@ Each step: sync the metagraph when `--neuron.sync_interval` has passed → query
 with one challenge → score → save the state atomically → ask the weight setter's thread to set weights if due →
 one log line. Steps start every `--neuron.step_interval` seconds. No exception stops the loop: it is logged with
 the step and block and the next step runs; the watchdog (`--neuron.watchdog_timeout`) exits the process when no
-step succeeds for that long, so pm2 restarts it.
+step succeeds for that long (before the first step: no real-image prefill round adds images), so pm2 restarts it.
 
 Local demo (a LocalChain, the packaged real sample, the generator's cache):
     python -m neurons.validator --chain local --chain.path ~/.bitmind/localnet/chain.sqlite \
@@ -278,7 +278,9 @@ class Validator:
 
     def _prefill(self, wanted: int, budget_s: float = 60.0) -> None:
         """Fill the real cache up to `wanted` images before the first step (bounded in time), so the first real
-        challenges are not all drawn from the first handful of cached images."""
+        challenges are not all drawn from the first handful of cached images. Each round that adds images is
+        progress: it writes the heartbeat (`prefill_real_images`) and so keeps the watchdog from firing during
+        start-up; a round that adds nothing ends the prefill."""
         deadline = time.monotonic() + budget_s
         added = 0
         while len(self.real_source) < wanted and time.monotonic() < deadline and not self.stop_event.is_set():
@@ -286,6 +288,7 @@ class Validator:
             added += round_added
             if not round_added:
                 break
+            self.monitor.beat(prefill_real_images=len(self.real_source))
         log.info("real-image cache: %d images (%d added before the first step)", len(self.real_source), added)
 
     # --- loop ------------------------------------------------------------------------------------------------

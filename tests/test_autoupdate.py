@@ -1,6 +1,7 @@
 """Auto-updater against a local bare git repository: update only on a version bump, roll back a failed install,
 never touch local changes."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,48 @@ def test_parse_version() -> None:
     for bad in ("", "__version__ = '1.2'", "version = '1.2.3'", "__version__ = '1.2.3rc1'"):
         with pytest.raises(UpdateError):
             parse_version(bad)
+
+
+def _start_cli(sandbox: Sandbox, install: str) -> subprocess.Popen:
+    restart = f"{sys.executable} -c \"{RESTARTER}\" {sandbox.restart_log} bitmind_miner"
+    argv = ["--repo", str(sandbox.node), "--interval", "10", "--debug", "--install-cmd", install,
+            "--restart-cmd", restart]
+    return subprocess.Popen([sys.executable, "-m", "bitmind.autoupdate", *argv], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _read_until(proc: subprocess.Popen, text: str) -> None:
+    for line in proc.stdout:  # the updater logs every check with --debug; a dead process ends the loop
+        if text in line:
+            return
+    raise AssertionError(f"the auto-updater exited (status {proc.wait()}) before logging {text!r}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_while_waiting_exits_with_one_line(sandbox: Sandbox, signum: int) -> None:
+    proc = _start_cli(sandbox, f"{sys.executable} {sandbox.installer} {sandbox.install_log}")
+    try:
+        _read_until(proc, "up to date")
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert out.count("auto-updater stopped by") == 1 and f"auto-updater stopped by {signum.name}" in out
+
+
+def test_stop_signal_during_an_update_lets_it_finish_first(sandbox: Sandbox) -> None:
+    # The install command itself sends SIGINT to the updater (as `pm2 stop` would, mid-install).
+    new = sandbox.publish("release 1.1.0", version="1.1.0")
+    install = f"{sys.executable} -c \"import os, signal; os.kill(os.getppid(), signal.SIGINT)\""
+    proc = _start_cli(sandbox, install)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert sandbox.head() == new and sandbox.restarts() == ["bitmind_miner"]  # installed and restarted, not half
+    assert "updated to 1.1.0" in out and "re-executing" not in out
+    assert out.rstrip().endswith("auto-updater stopped by SIGINT")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests._killed_writer import kill_a_writer_of
 from validator.augment import Augmenter
 from validator.challenges.cache import ImageCache
 from validator.challenges.sampler import ChallengeSampler
@@ -91,9 +92,9 @@ def test_item_without_sidecar_is_invisible(tmp_path):
 def test_stale_orphans_are_swept_but_fresh_ones_kept(tmp_path, monkeypatch):
     cache = ImageCache(tmp_path)
     old_orphan = tmp_path / "00000000000000000001-old.png"
-    old_temp = tmp_path / ".tmp-crashed"
+    old_temp = kill_a_writer_of(tmp_path / "00000000000000000003-crashed.png")
     fresh_orphan = tmp_path / "00000000000000000002-new.png"
-    for path in (old_orphan, old_temp, fresh_orphan):
+    for path in (old_orphan, fresh_orphan):
         path.write_bytes(b"x")
     long_ago = time.time() - 3600
     os.utime(old_orphan, (long_ago, long_ago))

@@ -87,3 +87,29 @@ def test_required_fields_match_the_schema_and_headers_still_build():
     assert synapse.get_required_fields() == protocol.ImageSynapse.model_json_schema().get("required", [])
     headers = synapse.to_headers()
     assert headers["name"] == "ImageSynapse"
+
+
+def _real_parsers():
+    from neurons.miner import build_parser as miner_parser
+    from neurons.validator import build_parser as validator_parser
+
+    return {"miner": miner_parser, "validator": validator_parser}
+
+
+@pytest.mark.parametrize("process", ["miner", "validator"])
+@pytest.mark.parametrize(
+    ("argv", "endpoint", "network"),
+    [
+        ([], "wss://entrypoint-finney.opentensor.ai:443", "finney"),
+        (["--subtensor.network", "test"], "wss://test.finney.opentensor.ai:443", "test"),
+        (["--subtensor.network", "ws://127.0.0.1:9944"], "ws://127.0.0.1:9944", "local"),
+        (["--subtensor.chain_endpoint", "ws://127.0.0.1:9944"], "ws://127.0.0.1:9944", "local"),
+        (["--subtensor.network", "finney", "--subtensor.chain_endpoint", "wss://lite.example.org:443"],
+         "wss://lite.example.org:443", "unknown"),
+    ],
+    ids=["defaults", "network", "endpoint-as-network", "endpoint", "endpoint-beside-network"],
+)
+def test_the_chain_bittensor_connects_to_is_the_one_given(process, argv, endpoint, network):
+    """bittensor's own resolution (the one `bt.Subtensor(config=...)` runs) on the config our parser builds."""
+    config = build_config(_real_parsers()[process](), argv)
+    assert bt.Subtensor.setup_config(None, config) == (endpoint, network)

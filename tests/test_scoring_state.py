@@ -12,6 +12,7 @@ from bitmind.config import build_config, new_parser
 from validator.reward import AnswerKind
 from validator.scoring import Scorer, add_scoring_args
 from validator.state import STATE_FILENAME, STATE_FORMAT_VERSION, ScorerState, StateStore
+from tests._killed_writer import kill_a_writer_of
 from validator.weight_setter import add_weight_args
 
 NETUID = 34
@@ -343,8 +344,7 @@ def test_crash_between_write_and_rename_keeps_old_state(store):
     scorer = _trained_scorer()
     store.save(scorer.snapshot())
     # what a killed process leaves behind: a half-written temporary file next to the intact state file
-    leftover = store.path.parent / f"{STATE_FILENAME}.abc123.tmp"
-    leftover.write_bytes(_valid_state_text().encode()[:50])
+    leftover = kill_a_writer_of(store.path, _valid_state_text()[:50])
     restarted = StateStore(store.path, NETUID)
     assert restarted.load().scorer == scorer.snapshot()
     assert not leftover.exists()

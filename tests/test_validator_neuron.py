@@ -438,6 +438,30 @@ def test_no_real_image_is_no_step_and_does_not_feed_the_watchdog(subnet, tmp_pat
     assert not runner.is_alive()
 
 
+def test_a_prefill_longer_than_the_watchdog_timeout_does_not_trip_it(subnet, tmp_path):
+    # 32 images arrive in 4 rounds of 8, each slowed by 2 s: the prefill outlasts the 5 s watchdog, a round does not.
+    fired = threading.Event()
+    made = make_validator(subnet, tmp_path, "--validator.prefill_images", "32", "--neuron.watchdog_timeout", "5",
+                          "--neuron.max_steps", "1", on_watchdog_expire=lambda idle: fired.set())
+    heartbeat = Path(made.config.neuron.state_dir) / "heartbeat.json"
+    seen_before_round = []
+    real_round = made.real_source.fill_round
+
+    def slow_round() -> int:
+        if heartbeat.exists():
+            seen_before_round.append(json.loads(heartbeat.read_text())["prefill_real_images"])
+        time.sleep(2.0)
+        return real_round()
+
+    made.real_source.fill_round = slow_round
+    made.run()  # prefill, one step, close
+    assert not fired.is_set(), "the watchdog fired during the prefill"
+    assert made.steps_done == 1
+    assert len(seen_before_round) >= 3 and seen_before_round == sorted(set(seen_before_round))
+    final = json.loads(heartbeat.read_text())
+    assert final["prefill_real_images"] >= 32 and final["step"] == 1
+
+
 # --- the process as operators run it --------------------------------------------------------------------------
 def _run_process(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "READ_ONLY": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -6,21 +6,21 @@ version and the netuid, so a file from another format or another subnet is never
 Lifecycle: `StateStore.load()` comes first (a restart keeps scores and histories; the 2024 template saved zeroed
 state before loading and wiped them); `save()` refuses to run before it. A corrupt, truncated, foreign or
 unreadable file is moved aside to `<name>.corrupt-<UTC timestamp>` with a warning, and the validator starts fresh.
-`save()` writes a temporary file in the same folder, fsyncs it and `os.replace`s it over the old one, so a crash at
+`save()` writes through `bitmind.atomic` (temporary file in the same folder, fsync, `os.replace`), so a crash at
 any point leaves either the old or the new file, never a torn one.
 """
 
-import glob
 import json
 import logging
 import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bitmind.atomic import atomic_write_bytes, temp_target
 
 __all__ = [
     "STATE_FILENAME",
@@ -124,26 +124,11 @@ class StateStore:
         state = ValidatorState(
             netuid=self.netuid, saved_at=time.time(), last_weights_block=last_weights_block, scorer=scorer
         )
-        data = state.model_dump_json().encode()
-        tmp_name = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp", delete=False
-            ) as tmp:
-                tmp_name = tmp.name
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, self.path)
-            tmp_name = None
-            self._fsync_dir()
+            atomic_write_bytes(self.path, state.model_dump_json().encode())
         except OSError as exc:
             logger.error("state: could not save %s (%s); keeping the previous file", self.path, exc)
             return False
-        finally:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)
         return True
 
     def _read(self) -> ValidatorState:
@@ -185,22 +170,10 @@ class StateStore:
         """Temporary files left by a crash between write and rename are never the live state."""
         if not self.path.parent.is_dir():
             return
-        for stale in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):
-            logger.info("state: removing %s left by an interrupted save", stale)
-            stale.unlink(missing_ok=True)
-
-    def _fsync_dir(self) -> None:
-        """Make the rename itself durable (best effort: not every platform can open a directory)."""
-        try:
-            fd = os.open(self.path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        for stale in self.path.parent.iterdir():
+            if temp_target(stale.name) == self.path.name:
+                logger.info("state: removing %s left by an interrupted save", stale)
+                stale.unlink(missing_ok=True)
 
 
 class _UnusableState(Exception):

@@ -10,7 +10,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from base_miner.training.data import (
     select,
     stratified_subset,
 )
+from bitmind.atomic import atomic_writer
 from bitmind.image_codec import ImageDecodeError
 
 __all__ = ["STATE_FILE", "TrainConfig", "Trainer", "random_crop"]
@@ -379,7 +379,6 @@ class Trainer:
 
     def save_state(self) -> None:
         """Everything a resume needs, written atomically (a crash mid-write keeps the previous state)."""
-        self.out.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
             "model": self.detector.model.state_dict(),
@@ -393,9 +392,8 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
         }
-        tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / STATE_FILE)
+        with atomic_writer(self.out / STATE_FILE) as handle:
+            torch.save(state, handle)
 
     def _load_state(self) -> None:
         path = self.out / STATE_FILE

@@ -1,8 +1,8 @@
 """On-disk image cache shared between processes: one writer (generator or real-data filler), many readers.
 
 Layout: every item is an image file `<stem>.png|.jpg` plus a JSON sidecar `<stem>.json`. Stems start with the
-creation time in nanoseconds, so name order is age order. Writes are atomic (a hidden temp file in the same
-folder, then `os.replace`), image first and sidecar last: an item exists iff its sidecar exists, and a reader
+creation time in nanoseconds, so name order is age order. Writes are atomic (`bitmind.atomic`: a hidden temp file in
+the same folder, fsync, `os.replace`), image first and sidecar last: an item exists iff its sidecar exists, and a reader
 never sees half an item. Eviction removes the sidecar first for the same reason. Readers skip, warn about and
 remove broken items (unreadable sidecar, missing or undecodable image) instead of failing.
 """
@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bitmind.atomic import atomic_write_bytes, temp_target
 from bitmind.image_codec import to_rgb
 
 __all__ = ["CacheItem", "ImageCache"]
@@ -29,7 +29,6 @@ __all__ = ["CacheItem", "ImageCache"]
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".json"
-TEMP_PREFIX = ".tmp-"
 FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "jpg": ("JPEG", ".jpg")}
 # Temp files and sidecar-less images younger than this may belong to a writer that is mid-`put`.
 ORPHAN_GRACE_S = 600.0
@@ -58,17 +57,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _write_atomic(folder: Path, final: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ImageCache:
@@ -178,9 +166,9 @@ class ImageCache:
                 f"item of {len(buffer) + len(sidecar_bytes)} bytes is larger than the cache cap of {self.max_bytes}"
             )
         image_path = self.root / (stem + ext)
-        _write_atomic(self.root, image_path, buffer)
+        atomic_write_bytes(image_path, buffer)
         try:
-            _write_atomic(self.root, self.root / (stem + SIDECAR_SUFFIX), sidecar_bytes)
+            atomic_write_bytes(self.root / (stem + SIDECAR_SUFFIX), sidecar_bytes)
         except BaseException:
             image_path.unlink(missing_ok=True)
             raise
@@ -217,7 +205,7 @@ class ImageCache:
         with os.scandir(self.root) as entries:
             for entry in entries:
                 name = entry.name
-                stale_candidate = name.startswith(TEMP_PREFIX) or (
+                stale_candidate = temp_target(name) is not None or (
                     name not in keep and any(name.endswith(ext) for _, ext in FORMATS.values())
                 )
                 if not stale_candidate:
