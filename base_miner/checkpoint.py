@@ -7,7 +7,6 @@ failure is a `WeightsError` raised while the detector is built, so a miner never
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safetensors.torch import save as save_safetensors
 
 from base_miner.registry import ConfigError
 from bitmind.atomic import atomic_write_bytes
+from bitmind.hub_id import parse_hub_ref
 
 __all__ = [
     "CONFIG_FILE",
@@ -39,8 +39,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 # Keys that describe the machine or the file a config was read from, not the model: never saved with weights.
 MACHINE_KEYS = ("config_dir", "device", "num_threads")
-# Hugging Face repo ids: `org/name`, optionally `@revision` (branch, tag or commit).
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w./-]{1,128}))?$")
 
 
 class WeightsError(ConfigError):
@@ -81,11 +79,11 @@ def resolve_weights(value: str | os.PathLike, config_dir: str | Path | None = No
             return candidate.resolve()
         if candidate.exists():
             raise WeightsError(f"weights {str(candidate)!r} is a file; give the folder that holds {WEIGHTS_FILE}")
-    match = _HUB_ID.match(text)
-    if match is None:
+    ref = parse_hub_ref(text)
+    if ref is None:
         tried = ", ".join(repr(str(c)) for c in candidates)
         raise WeightsError(f"weights folder {text!r} not found (tried {tried}) and it is not a hub id 'org/name'")
-    return _download(match["repo"], match["revision"])
+    return _download(*ref)
 
 
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bitmind.chain.local import LocalChain
     from bitmind.image_codec import encode_image
-    from bitmind.dev_wallets import free_port, make_wallet
+    from bitmind.dev_wallets import make_wallet
+    from bitmind.ports import free_port
     from neurons.miner import usable_cores
 
     levels = [int(c) for c in args.concurrency.split(",")]

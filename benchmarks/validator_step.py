@@ -34,7 +34,8 @@ from PIL import Image  # noqa: E402
 
 from bitmind.chain.local import LocalChain  # noqa: E402
 from bitmind.config import build_config  # noqa: E402
-from bitmind.dev_wallets import free_port, make_wallet  # noqa: E402
+from bitmind.dev_wallets import make_wallet  # noqa: E402
+from bitmind.ports import free_port  # noqa: E402
 from neurons.validator import Validator, build_parser  # noqa: E402
 from validator.challenges import ImageCache, RealImageSource  # noqa: E402
 from validator.challenges import parse_dataset_list  # noqa: E402

@@ -1,13 +1,18 @@
-"""Image codec with hard limits: every payload a miner receives goes through `decode_image`.
+"""Image codec with hard limits: every image this project reads from outside goes through `decode_bytes`.
 
+`decode_image` (base64, what a miner receives), `decode_cell` (a `datasets` image cell: real challenge images,
+training rows) and the challenge cache's files all end in `decode_bytes`, so one set of checks guards them all:
+size in bytes, accepted format and pixel count read from the header before any pixel is decoded. The checks use no
+process-wide state (no warning filters), so decoding is safe on several threads at once.
 All failures raise `ImageDecodeError` so callers handle one exception type.
 """
 
 import base64
 import binascii
 import io
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -16,13 +21,14 @@ __all__ = [
     "DecodeLimits",
     "ImageDecodeError",
     "decode_bytes",
+    "decode_cell",
     "decode_image",
     "encode_image",
     "fit_square",
     "to_rgb",
 ]
 
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageDecodeError(ValueError):
@@ -83,43 +89,72 @@ def decode_image(payload: str | bytes, limits: DecodeLimits = DecodeLimits()) ->
     return decode_bytes(_b64decode(payload, limits.max_bytes), limits)
 
 
-def decode_bytes(raw: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
-    """Decode an encoded image file (JPEG, PNG, ...) into a fully loaded RGB PIL image, enforcing `limits`."""
+def decode_cell(value: Any, limits: DecodeLimits = DecodeLimits(), max_side: int | None = None) -> Image.Image:
+    """Decode a `datasets` image cell as `Image(decode=False)` leaves it: {bytes, path}, the path local or remote
+    (any fsspec URL, e.g. hf://). A file is read only up to `limits.max_bytes`. See `decode_bytes` for `max_side`."""
+    if not isinstance(value, Mapping):
+        raise ImageDecodeError(f"image cell of type {type(value).__name__} holds no image (expected {{bytes, path}})")
+    raw = value.get("bytes")
+    if not raw:
+        path = value.get("path")
+        if not path:
+            raise ImageDecodeError("image cell holds neither bytes nor a path")
+        raw = _read_file(str(path), limits.max_bytes)
+    return decode_bytes(raw, limits, max_side)
+
+
+def _read_file(path: str, max_bytes: int) -> bytes:
+    import fsspec  # noqa: PLC0415 - only dataset cells without bytes need it
+
+    try:
+        with fsspec.open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot read image file {path!r}: {exc}") from exc
+    if len(raw) > max_bytes:
+        raise ImageDecodeError(f"image file {path!r} is larger than {max_bytes} bytes")
+    return raw
+
+
+def decode_bytes(raw: bytes, limits: DecodeLimits = DecodeLimits(), max_side: int | None = None) -> Image.Image:
+    """Decode an encoded image file (JPEG, PNG, ...) into a fully loaded RGB PIL image, enforcing `limits`.
+
+    Format and size come from the header (`Image.open` reads no pixels), so a pixel bomb is refused before it
+    is decoded. With `max_side`, a JPEG much larger than that decodes at a reduced scale (PIL `draft`, which makes
+    big photos cheap; the pixel limit applies to what is decoded) and the result is shrunk to at most `max_side`.
+    """
     if not raw:
         raise ImageDecodeError("empty payload")
     if len(raw) > limits.max_bytes:
         raise ImageDecodeError(f"payload larger than {limits.max_bytes} bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                image = Image.open(io.BytesIO(raw))
-            except Image.UnidentifiedImageError as exc:
-                raise ImageDecodeError("unreadable image: not a known image format") from exc
-            fmt = image.format
-            if fmt not in ALLOWED_FORMATS:
-                raise ImageDecodeError(f"unsupported image format {fmt!r}")
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise ImageDecodeError(
-                    f"image has {width}x{height} pixels, more than the limit of {limits.max_pixels}"
-                )
-            if min(width, height) < limits.min_side:
-                raise ImageDecodeError(f"image {width}x{height} is smaller than {limits.min_side} pixels a side")
-            if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-                raise ImageDecodeError(
-                    f"aspect ratio of {width}x{height} exceeds {limits.max_aspect_ratio}"
-                )
-            image.seek(0)  # first frame of animations
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return to_rgb(image)
+        try:
+            image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
+        except Image.UnidentifiedImageError as exc:
+            accepted = ", ".join(ALLOWED_FORMATS)
+            raise ImageDecodeError(f"unreadable image: not in an accepted format ({accepted})") from exc
+        if max_side is not None:
+            image.draft("RGB", (max_side, max_side))  # JPEG only; other formats ignore it
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ImageDecodeError(f"image has {width}x{height} pixels, more than the limit of {limits.max_pixels}")
+        if min(width, height) < limits.min_side:
+            raise ImageDecodeError(f"image {width}x{height} is smaller than {limits.min_side} pixels a side")
+        if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+            raise ImageDecodeError(f"aspect ratio of {width}x{height} exceeds {limits.max_aspect_ratio}")
+        image.seek(0)  # first frame of animations
+        image.load()
+        image = to_rgb(ImageOps.exif_transpose(image) or image)
     except ImageDecodeError:
         raise
+    # Pillow's own guard at open() (over twice Image.MAX_IMAGE_PIXELS; the warning only under `-W error`).
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError) as exc:
         raise ImageDecodeError(f"unreadable or truncated image: {exc}") from exc
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:

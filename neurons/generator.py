@@ -38,9 +38,10 @@ from bitmind.config import (
     new_parser,
     setup_logging,
 )
-from bitmind.monitoring import Monitor, add_monitoring_args
+from bitmind.monitoring.monitor import Monitor, add_monitoring_args
 from validator.challenges.cache import ImageCache
-from validator.challenges.real import RealImageSource, parse_dataset_list
+from validator.challenges.dataset_spec import parse_dataset_list
+from validator.challenges.real import RealImageSource
 from validator.generation.captioner import DEFAULT_CAPTIONER, Captioner
 from validator.generation.diffusion import (
     DiffusionModelPool,
@@ -103,7 +104,7 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
     add("--generator.real_source", type=str, default="default",
         help="Real images to caption: 'default' (the validator's datasets), 'packaged' (the small sample shipped "
              "with the package), or a comma list of hub ids / local parquet files or folders / image folders, each "
-             "optionally with ?split=&labels=0 (see validator/challenges/real.py).")
+             "optionally with ?split=&labels=0 (see validator/challenges/dataset_spec.py).")
     add("--generator.real_cache_dir", type=str, default="",
         help="Where the generator caches the real images it captions (empty: <neuron.state_dir>/real_cache).")
     add("--generator.real_cache_max_gb", type=float, default=2.0, help="Size cap of that real-image cache.")

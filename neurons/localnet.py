@@ -19,40 +19,40 @@ their pids, uids and hotkeys for scripts and tests.
 """
 
 import argparse
-import atexit
-import ctypes
 import json
 import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib.resources import files
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 os.environ.setdefault("READ_ONLY", "1")  # before bittensor is imported: the orchestrator writes nothing home
-
-from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from base_miner.registry import ConfigError, load_config  # noqa: E402
 from bitmind.atomic import atomic_write_bytes  # noqa: E402
 from bitmind.chain.base import ChainError  # noqa: E402
 from bitmind.chain.local import LocalChain  # noqa: E402
+from bitmind.console import Console  # noqa: E402
 from bitmind.dev_wallets import make_wallet  # noqa: E402
+from bitmind.ports import free_ports, port_answers  # noqa: E402
+from bitmind.supervisor import STOP_GRACE_S, Child, Supervisor  # noqa: E402
 from neurons.localnet_leaderboard import (  # noqa: E402
     Leaderboard,
     MinerInfo,
     build_leaderboard,
     read_validator_state,
 )
-from validator.challenges.cache import ImageCache  # noqa: E402
+from validator.challenges.synthetic_seed import (  # noqa: E402
+    SampleError,
+    packaged_synthetic_sample,
+    seed_synthetic_cache,
+)
 from validator.state import ValidatorState  # noqa: E402
 
 __all__ = ["LocalnetError", "build_parser", "main"]
@@ -65,13 +65,7 @@ VALIDATOR_NAME = "localnet-validator"
 VALIDATOR_STAKE = 1000.0
 LOOPBACK = "127.0.0.1"
 STATUS_FILE = "localnet.json"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-# The packaged AI-generated sample the synthetic cache is seeded with (see validator/assets/LICENSES.md).
-FAKE_SAMPLE = ("assets", "synthetic_sample")
-FAKE_SAMPLE_MODEL = "cifake-sd14"
-STOP_GRACE_S = 10.0
 POLL_S = 0.25
-LOG_TAIL_LINES = 25
 # One torch thread per child unless the caller chose otherwise: N + 2 processes share the cores, and thread
 # contention on a 2-core machine makes each one several times slower.
 CHILD_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -195,181 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------------- output
-class Console:
-    """Event lines and the leaderboard; on a terminal the board is redrawn in place, else printed per round."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.live = stream.isatty()
-        self._board_lines = 0
-        self._board = ""
-
-    def event(self, text: str) -> None:
-        self._erase()
-        print(f"[localnet {time.strftime('%H:%M:%S')}] {text}", file=self.stream, flush=True)
-        self._draw(self._board)
-
-    def board(self, text: str) -> None:
-        if self.live:
-            self._erase()
-            self._draw(text)
-        else:
-            print(text + "\n", file=self.stream, flush=True)
-
-    def _erase(self) -> None:
-        if self.live and self._board_lines:
-            self.stream.write(f"\x1b[{self._board_lines}F\x1b[J")
-            self._board_lines = 0
-
-    def _draw(self, text: str) -> None:
-        self._board = text
-        if self.live and text:
-            print(text, file=self.stream, flush=True)
-            self._board_lines = text.count("\n") + 1
-
-
-# ---------------------------------------------------------------------------------------------------- children
-@dataclass
-class Child:
-    """One process of the local subnet and where its output goes."""
-
-    name: str
-    role: str  # miner | validator | generator | setup
-    argv: list[str]
-    log_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-    one_shot: bool = False  # a set-up step: exiting with 0 is its success, not a failure
-    process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def exit_code(self) -> int | None:
-        """The exit code (-N for signal N) once the process ended, else None. The ended process is left unreaped
-        (a zombie) until `Supervisor.stop_all`, so its pid, which is also its process group id, cannot be reused
-        by an unrelated process that a group signal would then reach."""
-        if self.process is None:
-            return None
-        if self.process.returncode is not None or not hasattr(os, "waitid"):
-            return self.process.poll()
-        try:
-            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return self.process.poll()
-        if info is None:
-            return None
-        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(cannot read {self.log_path}: {exc})"
-        tail = text.splitlines()[-lines:]
-        return "\n".join(f"    {line}" for line in tail) or "    (empty log)"
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the orchestrator itself is killed with SIGKILL (no cleanup runs then)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class Supervisor:
-    """Starts children in their own sessions and stops every one of them, whatever happens."""
-
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env = env
-        self.cwd = cwd
-        self.children: list[Child] = []
-        self._reported: set[str] = set()
-        atexit.register(self.stop_all)
-
-    def start(self, child: Child) -> Child:
-        child.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with child.log_path.open("ab") as log:
-            child.process = subprocess.Popen(
-                child.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
-        self.children.append(child)
-        return child
-
-    def exited(self) -> list[tuple[Child, int]]:
-        """Children that exited since the last call, with their exit codes (a set-up step's success excepted)."""
-        found = []
-        for child in self.children:
-            code = child.exit_code()
-            if code is not None and child.name not in self._reported:
-                self._reported.add(child.name)
-                if not (child.one_shot and code == 0):
-                    found.append((child, code))
-        return found
-
-    def stop_all(self, grace_s: float = STOP_GRACE_S) -> list[str]:
-        """`stop` every child. Idempotent; returns the children that had to be killed."""
-        return self.stop(self.children, grace_s)
-
-    def stop(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> list[str]:
-        """SIGTERM the children's process groups, wait up to `grace_s`, then SIGKILL the groups (which also reaches
-        grandchildren left behind by a leader that exited); returns the children that had to be killed."""
-        # Only groups whose leader is not yet reaped are signalled: their ids cannot belong to anyone else.
-        started = [child for child in children if child.process is not None and child.process.returncode is None]
-        for child in started:
-            _signal_group(child.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        killed = []
-        for child in started:
-            while child.exit_code() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if child.exit_code() is None:
-                killed.append(child.name)
-        for child in started:
-            _signal_group(child.process.pid, signal.SIGKILL)
-            try:
-                child.process.wait(timeout=5.0)  # reaps it
-            except subprocess.TimeoutExpired:
-                pass
-        return killed
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports nobody listens on right now (on every interface: uvicorn binds 0.0.0.0)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
-def port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------- set-up
 @dataclass(frozen=True)
 class MinerSpec:
@@ -401,54 +220,6 @@ def parse_miners(text: str) -> list[MinerSpec]:
     return specs
 
 
-def fake_sample_dir(override: Path | None) -> Path | None:
-    """The folder of AI-generated images to seed with, or None when the package ships none."""
-    if override is not None:
-        if not override.is_dir():
-            raise LocalnetError(f"--fake-sample {override} is not a folder")
-        return override
-    folder = files("validator").joinpath(*FAKE_SAMPLE)
-    return Path(str(folder)) if folder.is_dir() else None
-
-
-def _sample_metadata(sample: Path) -> dict[str, dict[str, Any]]:
-    """Per-file credit and licence from the sample's `metadata.jsonl` (imagefolder layout), when it has one."""
-    path = sample / "metadata.jsonl"
-    if not path.is_file():
-        return {}
-    rows = {}
-    try:
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                    raise ValueError(f"line {number} is not an object with a file_name")
-                rows[row["file_name"]] = row
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LocalnetError(f"cannot read {path}: {exc}") from exc
-    return rows
-
-
-def seed_synthetic_cache(cache_dir: Path, sample: Path) -> int:
-    """Copy the sample's images into the validator's synthetic cache (label 1); returns how many."""
-    cache = ImageCache(cache_dir)
-    described = _sample_metadata(sample)
-    count = 0
-    for path in sorted(sample.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        metadata = {"model": FAKE_SAMPLE_MODEL, "source_file": path.name, "sample": described.get(path.name, {})}
-        try:
-            with Image.open(path) as image:
-                cache.put(image, metadata, fmt="png")
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-            raise LocalnetError(f"cannot seed the synthetic cache with {path}: {exc}") from exc
-        count += 1
-    if not count:
-        raise LocalnetError(f"{sample} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return count
-
-
 def _project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
@@ -461,7 +232,9 @@ class Localnet:
         self.args = args
         self.console = console
         self.miner_specs = parse_miners(args.miners)
-        self.fake_sample = fake_sample_dir(args.fake_sample)
+        if args.fake_sample is not None and not args.fake_sample.is_dir():
+            raise LocalnetError(f"--fake-sample {args.fake_sample} is not a folder")
+        self.fake_sample = args.fake_sample or packaged_synthetic_sample()
         if args.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="bitmind-localnet-"))
             self.remove_workdir = not args.keep
@@ -548,7 +321,10 @@ class Localnet:
                 "pipeline (noise), so the leaderboard says little about the detectors"
             )
             return
-        count = seed_synthetic_cache(self.synthetic_cache, self.fake_sample)
+        try:
+            count = seed_synthetic_cache(self.synthetic_cache, self.fake_sample)
+        except SampleError as exc:
+            raise LocalnetError(str(exc)) from None
         self.console.event(f"synthetic cache seeded with {count} AI-generated images from {self.fake_sample}")
 
     def _start_miners(self) -> None:
@@ -597,7 +373,7 @@ class Localnet:
 
     def _serving(self, child: Child) -> bool:
         """The miner's port answers and the chain advertises its axon there."""
-        if not port_answers(child.extra["port"]):
+        if not port_answers(LOOPBACK, child.extra["port"]):
             return False
         view = self.chain.sync()
         uid = child.extra["uid"]

@@ -30,7 +30,7 @@ import numpy as np
 import bitmind
 from bitmind.chain import Chain, MetagraphView, make_chain
 from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser, setup_logging
-from bitmind.monitoring import Monitor, add_monitoring_args
+from bitmind.monitoring.monitor import Monitor, add_monitoring_args
 from bitmind.transport import ValidatorClient
 from validator.challenges import ChallengeSampler
 from validator.forward import (

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests._required import missing
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -20,12 +20,9 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.inv
 
 def require_tool(found: str | None, what: str, hint: str) -> str:
     """`found` (a path), or fail under CI (CI=true must run everything) / skip elsewhere with how to get it."""
-    if found:
-        return found
-    message = f"{what} not found: {hint}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
+    if not found:
+        missing(f"{what} not found: {hint}")
+    return found
 
 
 def pm2_path() -> str:

@@ -20,7 +20,8 @@ os.environ.setdefault("READ_ONLY", "1")
 import bittensor as bt  # noqa: E402
 import pytest  # noqa: E402
 
-from bitmind.dev_wallets import free_port, make_wallet  # noqa: E402,F401 - re-exported for test modules
+from bitmind.dev_wallets import make_wallet  # noqa: E402,F401 - re-exported for test modules
+from bitmind.ports import free_port  # noqa: E402,F401 - re-exported for test modules
 
 LOOPBACK = "127.0.0.1"
 

@@ -122,10 +122,12 @@ def test_full_queue_sheds_load_immediately():
 
 
 def test_stale_requests_are_dropped_not_computed():
-    detector = RecordingDetector(delay=0.3)
+    # The first request is taken at once (a second to spare on a loaded machine); the others wait behind its 1.2 s
+    # prediction, longer than max_age_s whatever the machine's speed.
+    detector = RecordingDetector(delay=1.2)
 
     async def main():
-        batcher = MicroBatcher(detector, batch_size=1, max_wait_ms=0, max_age_s=0.1)
+        batcher = MicroBatcher(detector, batch_size=1, max_wait_ms=0, max_age_s=1.0)
         results = await asyncio.gather(*(batcher.submit(_payload(v)) for v in range(3)))
         await batcher.close()
         return results
@@ -137,21 +139,27 @@ def test_stale_requests_are_dropped_not_computed():
 
 
 def test_waiting_requests_are_served_by_priority_then_arrival():
-    detector = RecordingDetector(delay=0.05)
+    detector = RecordingDetector()
     seen: list[int] = []
+    busy, release = threading.Event(), threading.Event()
 
     def predict(images):
         seen.extend(round(np.asarray(image).mean()) for image in images)
+        if len(seen) == 1:  # the first request holds the worker until the rest are queued
+            busy.set()
+            assert release.wait(30)
         return detector(images)
 
     async def main():
         batcher = MicroBatcher(predict, batch_size=1, max_wait_ms=0)
-        first = asyncio.create_task(batcher.submit(_payload(1)))  # occupies the worker while the rest queue up
-        await asyncio.sleep(0.02)
+        first = asyncio.create_task(batcher.submit(_payload(1)))
+        assert await asyncio.to_thread(busy.wait, 30)
         rest = [
             asyncio.create_task(batcher.submit(_payload(value), priority=stake))
             for value, stake in ((10, 0.0), (20, 50.0), (30, 0.0), (40, 900.0), (50, 50.0))
         ]
+        await asyncio.sleep(0)  # one loop turn: each new task runs up to its (immediate) put on the queue
+        release.set()
         await asyncio.gather(first, *rest)
         await batcher.close()
 

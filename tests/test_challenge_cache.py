@@ -42,6 +42,38 @@ def test_put_then_sample_round_trips_image_and_metadata(tmp_path):
     assert metadata["cache_item"] == path.stem
 
 
+def test_sidecars_are_strict_json_whatever_the_metadata_holds(tmp_path):
+    cache = ImageCache(tmp_path)
+    metadata = {"score": float("nan"), "peak": np.float32("inf"), "seed": np.int64(3), "vec": np.arange(2),
+                "where": tmp_path, "pair": (1, 2), "flag": np.bool_(True)}
+    path = cache.put(solid(10), metadata)
+
+    def no_constants(name):
+        raise AssertionError(f"sidecar holds {name}, which is not JSON")
+
+    sidecar = json.loads(path.with_suffix(".json").read_text(), parse_constant=no_constants)
+    assert sidecar["metadata"] == {"score": None, "peak": None, "seed": 3, "vec": [0, 1], "where": str(tmp_path),
+                                   "pair": [1, 2], "flag": True}
+
+
+def test_a_cached_image_replaced_by_a_pixel_bomb_is_refused_and_removed(tmp_path, caplog):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    cache = ImageCache(tmp_path)
+    path = cache.put(solid(10), {})
+    side = 9000  # 81 M pixels in a few hundred KB, over the cache's read limit
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (side + 1) * side, 9)) + chunk(b"IEND", b""))
+    path.write_bytes(bomb)
+    with caplog.at_level(logging.WARNING, logger="validator.challenges.cache"):
+        assert cache.sample(np.random.default_rng(0)) is None
+    assert "more than the limit" in caplog.text and not path.exists()
+
+
 def test_put_converts_to_rgb_and_writes_jpeg(tmp_path):
     cache = ImageCache(tmp_path)
     path = cache.put(solid(100, mode="RGBA"), {}, fmt="jpeg")

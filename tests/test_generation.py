@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bitmind.monitoring import Monitor
+from bitmind.hub_id import is_hub_id
+from bitmind.monitoring.monitor import Monitor
 from neurons import generator
 from tests._tiny_models import tiny_models  # noqa: F401 - session fixture
 from validator.challenges.cache import ImageCache
@@ -171,16 +172,12 @@ def test_rewriter_on_cuda_asks_for_4bit_nf4(monkeypatch):
 
 
 # ---------------------------------------------------------------- model lists
-def test_default_model_list_has_the_anchor_models_with_arguments():
+def test_default_model_list_is_distinct_hub_models_with_arguments():
     specs = parse_model_list("default")
-    assert [s.path for s in specs] == [
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        "SG161222/RealVisXL_V4.0",
-        "Corcelio/mobius",
-        "black-forest-labs/FLUX.1-dev",
-        "prompthero/openjourney-v4",
-        "cagliostrolab/animagine-xl-3.1",
-    ]
+    assert specs == list(DEFAULT_MODELS) and specs
+    for spec in specs:
+        assert is_hub_id(spec.path), f"{spec.name}: {spec.path!r} is not an org/name hub id"
+    assert len({s.path for s in specs}) == len(specs) and len({s.name for s in specs}) == len(specs)
     flux = next(s for s in specs if s.name == "flux-dev")
     assert flux.pipeline == "FluxPipeline" and flux.load_kwargs["dtype"] == "bfloat16"
     rng = random.Random(0)
@@ -208,7 +205,8 @@ models:
 """,
     )
     flux, local = parse_model_list(str(yaml_path))
-    assert flux.vram_gb == 40 and flux.path == "black-forest-labs/FLUX.1-dev" and flux.pipeline == "FluxPipeline"
+    built_in = next(s for s in DEFAULT_MODELS if s.name == "flux-dev")
+    assert flux.vram_gb == 40 and flux.path == built_in.path and flux.pipeline == built_in.pipeline
     args = local.draw_call_args(random.Random(1))
     assert args["height"] == 64 and args["width"] == 32
     assert isinstance(args["num_inference_steps"], int) and 1 <= args["num_inference_steps"] <= 3
@@ -648,7 +646,7 @@ def test_generator_watchdog_exits_75_when_an_image_hangs(tiny_models, tmp_path):
     import subprocess
     import sys
 
-    from bitmind.monitoring import WATCHDOG_EXIT_CODE
+    from bitmind.monitoring.watchdog import WATCHDOG_EXIT_CODE
 
     argv = [
         "--generator.models", str(tiny_models.sd), "--generator.prompt_mode", "static", "--generator.device", "cpu",

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bitmind.monitoring import Monitor
+from bitmind.monitoring.monitor import Monitor
 from neurons import generator
 from tests._tiny_models import tiny_models  # noqa: F401 - session fixture
 from validator.challenges.cache import ImageCache

@@ -3,13 +3,22 @@
 import base64
 import io
 import struct
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_bytes, decode_image, encode_image
+from bitmind.image_codec import (
+    DecodeLimits,
+    ImageDecodeError,
+    decode_bytes,
+    decode_cell,
+    decode_image,
+    encode_image,
+)
 
 
 def _b64(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> str:
@@ -107,7 +116,7 @@ def test_truncated_jpeg_rejected():
 def test_unsupported_format_rejected():
     buffer = io.BytesIO()
     _rgb(32, 32).save(buffer, format="PPM")
-    with pytest.raises(ImageDecodeError, match="unsupported image format"):
+    with pytest.raises(ImageDecodeError, match="not in an accepted format"):
         decode_image(base64.b64encode(buffer.getvalue()).decode())
 
 
@@ -183,7 +192,67 @@ def test_decode_bytes_reads_files_and_enforces_the_same_limits():
     assert decode_bytes(raw).size == (40, 30)
     with pytest.raises(ImageDecodeError, match="larger than 10 bytes"):
         decode_bytes(raw, DecodeLimits(max_bytes=10))
-    with pytest.raises(ImageDecodeError, match="not a known image format"):
+    with pytest.raises(ImageDecodeError, match="not in an accepted format"):
         decode_bytes(b"plain text, not an image")
     with pytest.raises(ImageDecodeError, match="empty"):
         decode_bytes(b"")
+
+
+def test_decoding_on_many_threads_at_once_keeps_every_check():
+    """Workers decode concurrently: each payload gets its own verdict (no check switched off by another thread's
+    state), and the process's warning filters are left as they were."""
+    good = [base64.b64decode(_b64(_rgb(40 + i, 30 + i))) for i in range(8)]
+    bomb = base64.b64decode(_png(5000, 5000, zlib.compress(b"\x00" * (5001 * 5000), 9)))
+    too_small = base64.b64decode(_b64(_rgb(4, 4)))
+    limits = DecodeLimits(max_pixels=4096 * 4096)
+    jobs = [("good", raw) for raw in good] * 6 + [("bomb", bomb)] * 12 + [("small", too_small)] * 12
+    filters_before = list(warnings.filters)
+
+    def decode(job):
+        kind, raw = job
+        try:
+            return kind, decode_bytes(raw, limits).size
+        except ImageDecodeError as exc:
+            return kind, str(exc)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(decode, jobs * 3))
+    assert warnings.filters == filters_before
+    for (kind, raw), (_, outcome) in zip(jobs * 3, outcomes):
+        if kind == "good":
+            assert outcome == Image.open(io.BytesIO(raw)).size
+        elif kind == "bomb":
+            assert "more than the limit" in outcome
+        else:
+            assert "smaller than" in outcome
+
+
+def test_header_limits_hold_without_any_warning_filter():
+    """The pixel limit is an explicit header check: it holds whatever the warning filters say."""
+    bomb = base64.b64decode(_png(5000, 5000, zlib.compress(b"\x00" * (5001 * 5000), 9)))
+    for action in ("ignore", "default"):
+        with warnings.catch_warnings():
+            warnings.simplefilter(action)
+            with pytest.raises(ImageDecodeError, match="more than the limit"):
+                decode_bytes(bomb, DecodeLimits(max_pixels=4096 * 4096))
+
+
+def test_dataset_cells_decode_from_bytes_or_a_path_with_the_same_limits(tmp_path):
+    raw = base64.b64decode(_b64(_rgb(40, 30)))
+    (tmp_path / "a.png").write_bytes(raw)
+    assert decode_cell({"bytes": raw, "path": None}).size == (40, 30)
+    assert decode_cell({"bytes": None, "path": str(tmp_path / "a.png")}).size == (40, 30)
+    with pytest.raises(ImageDecodeError, match="larger than 10 bytes"):
+        decode_cell({"bytes": None, "path": str(tmp_path / "a.png")}, DecodeLimits(max_bytes=10))
+    with pytest.raises(ImageDecodeError, match="cannot read image file"):
+        decode_cell({"bytes": None, "path": str(tmp_path / "missing.png")})
+    with pytest.raises(ImageDecodeError, match="neither bytes nor a path"):
+        decode_cell({"bytes": b"", "path": ""})
+    with pytest.raises(ImageDecodeError, match="holds no image"):
+        decode_cell("a.png")
+
+
+def test_max_side_shrinks_big_images_and_keeps_small_ones():
+    big = base64.b64decode(_b64(_rgb(900, 600), "JPEG"))
+    assert decode_bytes(big, max_side=256).size == (256, 171)
+    assert decode_bytes(base64.b64decode(_b64(_rgb(40, 30))), max_side=256).size == (40, 30)

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bitmind.console import Console
+from bitmind.supervisor import Child, Supervisor
 from neurons import localnet
-from neurons.localnet import Child, Console, LocalnetError, Supervisor, main, parse_miners
+from neurons.localnet import LocalnetError, main, parse_miners
 from neurons.localnet_leaderboard import SUMMARY_KEYS, MinerInfo, build_leaderboard, read_validator_state
+from validator.challenges.synthetic_seed import FAKE_SAMPLE_MODEL, SampleError, seed_synthetic_cache
 from validator.state import STATE_FILENAME, MinerRecordState, ScorerState, ValidatorState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,23 +109,23 @@ def test_seeding_copies_images_with_metadata_and_rejects_bad_samples(tmp_path):
     (sample / "README.md").write_text("not an image")
     rows = [{"file_name": f"fake_{index}.jpg", "licence": "MIT", "row": index} for index in range(3)]
     (sample / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    assert localnet.seed_synthetic_cache(tmp_path / "cache", sample) == 3
+    assert seed_synthetic_cache(tmp_path / "cache", sample) == 3
     cache = ImageCache(tmp_path / "cache")
     assert len(cache) == 3
     image, metadata = cache.sample(np.random.default_rng(0))
-    assert image.size == (32, 32) and metadata["model"] == localnet.FAKE_SAMPLE_MODEL
+    assert image.size == (32, 32) and metadata["model"] == FAKE_SAMPLE_MODEL
     assert metadata["sample"] == rows[int(metadata["source_file"][5])]
     (sample / "metadata.jsonl").write_text('{"file_name": "fake_0.jpg"}\n[1, 2]\n')
-    with pytest.raises(LocalnetError, match="line 2"):
-        localnet.seed_synthetic_cache(tmp_path / "cache1", sample)
+    with pytest.raises(SampleError, match="line 2"):
+        seed_synthetic_cache(tmp_path / "cache1", sample)
     (sample / "metadata.jsonl").unlink()
     (sample / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(LocalnetError, match="broken.png"):
-        localnet.seed_synthetic_cache(tmp_path / "cache2", sample)
+    with pytest.raises(SampleError, match="broken.png"):
+        seed_synthetic_cache(tmp_path / "cache2", sample)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(LocalnetError, match="holds no images"):
-        localnet.seed_synthetic_cache(tmp_path / "cache3", empty)
+    with pytest.raises(SampleError, match="holds no images"):
+        seed_synthetic_cache(tmp_path / "cache3", empty)
 
 
 # ---------------------------------------------------------------------------------------------------- leaderboard

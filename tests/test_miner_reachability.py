@@ -169,7 +169,8 @@ def in_new_netns(command: list[str], setup: str = "") -> subprocess.CompletedPro
 
 IPV6_DISABLED_CHILD = """
 import logging, socket, sys, tempfile
-from bitmind.dev_wallets import free_port, make_wallet
+from bitmind.dev_wallets import make_wallet
+from bitmind.ports import free_port
 from neurons.miner import advertised_ip, build_server
 from tests.test_miner_reachability import forward, miner_config, query, raw_post
 

@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,19 +16,13 @@ import pytest
 
 from bitmind import __version__
 from bitmind.config import build_config
-from bitmind.monitoring import (
-    WATCHDOG_EXIT_CODE,
-    Heartbeat,
-    Metrics,
-    Monitor,
-    MonitoringError,
-    WandbLogger,
-    Watchdog,
-    add_monitoring_args,
-    check_heartbeat,
-    main,
-    start_metrics_server,
-)
+from bitmind.monitoring.__main__ import main
+from bitmind.monitoring.heartbeat import Heartbeat, check_heartbeat
+from bitmind.monitoring.metrics import Metrics, MonitoringError, start_metrics_server
+from bitmind.monitoring.monitor import Monitor, add_monitoring_args
+from bitmind.monitoring.wandb_run import WandbLogger
+from bitmind.monitoring.watchdog import WATCHDOG_EXIT_CODE, Watchdog
+from bitmind.ports import free_port
 
 
 # ------------------------------------------------------------------------------------------------------ heartbeat
@@ -205,25 +198,40 @@ def test_watchdog_fires_when_not_kicked() -> None:
     assert len(idle_seen) == 1 and idle_seen[0] >= 0.3
 
 
+class ManualClock:
+    """A clock the test advances: the watchdog's idle time then never depends on how fast this machine runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_watchdog_does_not_fire_while_kicked_then_fires_when_kicks_stop() -> None:
     expired = threading.Event()
-    watchdog = Watchdog(0.5, on_expire=lambda idle: expired.set()).start()
+    clock = ManualClock()
+    watchdog = Watchdog(0.2, on_expire=lambda idle: expired.set(), clock=clock).start()
     try:
-        for _ in range(30):  # 1.5 s of progress, three timeouts' worth
+        for _ in range(15):  # each step: 0.15 s without a kick (under the timeout), then a kick
+            clock.now += 0.15
+            expired.wait(0.05)  # let the watchdog look (it checks at least every 0.2 s of real time)
             watchdog.kick()
-            assert not expired.is_set()
-            time.sleep(0.05)
-        assert not expired.is_set()
-        assert expired.wait(timeout=10)  # progress stopped
+        assert not expired.is_set()  # 2.25 s of clock time: eleven timeouts' worth, kicked in time
+        clock.now += 1.0  # progress stops
+        assert expired.wait(timeout=10)
     finally:
         watchdog.stop()
 
 
 def test_watchdog_stop_prevents_firing_and_bad_timeouts_are_rejected() -> None:
     expired = threading.Event()
-    watchdog = Watchdog(0.3, on_expire=lambda idle: expired.set()).start()
+    clock = ManualClock()
+    watchdog = Watchdog(0.2, on_expire=lambda idle: expired.set(), clock=clock).start()
     watchdog.stop()
-    assert not expired.wait(timeout=0.6)
+    clock.now += 10.0  # long past the timeout, but stopped
+    assert not expired.wait(timeout=0.5)
+    assert not watchdog.fired.is_set()
     for bad in (0, -1, float("nan"), "10"):
         with pytest.raises(ValueError, match="positive"):
             Watchdog(bad)  # type: ignore[arg-type]
@@ -232,7 +240,7 @@ def test_watchdog_stop_prevents_firing_and_bad_timeouts_are_rejected() -> None:
 def test_watchdog_default_action_exits_the_process() -> None:
     code = (
         "import time\n"
-        "from bitmind.monitoring import Watchdog\n"
+        "from bitmind.monitoring.watchdog import Watchdog\n"
         "Watchdog(0.3).start()\n"
         "time.sleep(30)\n"  # a hung main loop
     )
@@ -300,18 +308,34 @@ def test_monitor_from_config_wires_everything(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setitem(sys.modules, "wandb", None)
     expired = threading.Event()
     config = _config(tmp_path, "--neuron.watchdog_timeout", "0.5")
-    config.neuron.metrics_port = _free_port()
+    config.neuron.metrics_port = free_port()
     monitor = Monitor.from_config(config, role="validator", on_watchdog_expire=lambda idle: expired.set())
     try:
-        for step in range(16):  # 0.8 s of beats, longer than the timeout: beats kick the watchdog
+        assert monitor.watchdog is not None and monitor.watchdog.timeout_s == 0.5
+        for step in range(3):
             assert monitor.beat(steps=step)
-            time.sleep(0.05)
-        assert not expired.is_set()
         status = json.loads((tmp_path / "state" / "heartbeat.json").read_text())
-        assert status["steps"] == 15 and status["role"] == "validator"
+        assert status["steps"] == 2 and status["role"] == "validator"
         monitor.metrics.record_step()
         assert _sample(_scrape(monitor.server.port), "bitmind_validator_steps_total") == 1
-        assert expired.wait(timeout=10)  # no more beats
+        assert expired.wait(timeout=10)  # no more beats: the watchdog built from the flag fires
+    finally:
+        monitor.close()
+
+
+def test_monitor_beats_kick_its_watchdog(tmp_path: Path) -> None:
+    expired = threading.Event()
+    clock = ManualClock()
+    watchdog = Watchdog(0.2, on_expire=lambda idle: expired.set(), clock=clock).start()
+    monitor = Monitor(Heartbeat(tmp_path / "hb.json"), Metrics(), watchdog=watchdog)
+    try:
+        for step in range(10):  # 1.5 s of clock time, beating every 0.15 s
+            clock.now += 0.15
+            expired.wait(0.05)
+            assert monitor.beat(steps=step)
+        assert not expired.is_set()
+        clock.now += 1.0  # no more beats
+        assert expired.wait(timeout=10)
     finally:
         monitor.close()
 
@@ -322,9 +346,3 @@ def test_monitor_off_switches_and_bad_values(tmp_path: Path) -> None:
     monitor.close()
     with pytest.raises(MonitoringError, match="watchdog_timeout"):
         Monitor.from_config(_config(tmp_path, "--neuron.watchdog_timeout", "-3"), role="miner")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

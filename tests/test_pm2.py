@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from bitmind.chain.local import LocalChain
-from bitmind.dev_wallets import free_port, make_wallet
+from bitmind.dev_wallets import make_wallet
+from bitmind.ports import free_port
 from tests._scripts_sandbox import git, make_repo, pm2_path, write_env
 
 NETUID = 34

@@ -11,18 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from validator.challenges.real import (
-    DEFAULT_REAL_DATASETS,
-    DatasetSpec,
-    RealImageSource,
-    decode_row_image,
-    packaged_real_sample,
-)
+from bitmind.hub_id import is_hub_id
+from bitmind.image_codec import ImageDecodeError
+from tests._required import SHARED_DATA, shared_data
+from validator.challenges.dataset_spec import DEFAULT_REAL_DATASETS, DatasetSpec, packaged_real_sample
+from validator.challenges.real import RealImageSource, decode_row_image
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAKE_MINI = DATA / "cifake-mini" / "train.parquet"
-needs_data = pytest.mark.skipif(not CIFAKE_MINI.exists(), reason=f"shared test data missing: {CIFAKE_MINI}")
+CIFAKE_MINI = SHARED_DATA / "cifake-mini" / "train.parquet"
 ASSETS = Path(__file__).resolve().parents[1] / "validator" / "assets"
+
+
+@pytest.fixture
+def cifake_mini() -> Path:
+    return shared_data("cifake-mini/train.parquet")
+
+
+needs_data = pytest.mark.usefixtures("cifake_mini")  # missing: fails under CI, skips elsewhere
 
 
 def cifake_real(**kwargs) -> DatasetSpec:
@@ -45,12 +49,25 @@ def fill_until(source: RealImageSource, rounds: int = 50) -> None:
 # ---------------------------------------------------------------- specs
 
 
-def test_default_sources_are_the_ten_subnet_datasets(tmp_path):
-    specs = [DatasetSpec(path) for path in DEFAULT_REAL_DATASETS]
-    assert len(specs) == 10 and all(spec.is_hub for spec in specs)
-    assert "bitmind/ffhq-256" in DEFAULT_REAL_DATASETS
+def test_default_sources_are_distinct_hub_datasets_and_the_default(tmp_path):
+    assert DEFAULT_REAL_DATASETS and len(set(DEFAULT_REAL_DATASETS)) == len(DEFAULT_REAL_DATASETS)
+    for path in DEFAULT_REAL_DATASETS:
+        assert is_hub_id(path), f"{path!r} is not an org/name hub id"
+        assert DatasetSpec(path).is_hub
     source = RealImageSource(cache_dir=tmp_path)
     assert [spec.path for spec in source.specs] == list(DEFAULT_REAL_DATASETS)
+
+
+@pytest.mark.parametrize("text", ["org/name", "bitmind/MS-COCO-unique-256", "a/b.c_d-e"])
+def test_hub_ids_are_org_slash_name(text):
+    assert is_hub_id(text) and DatasetSpec(text).is_hub
+
+
+@pytest.mark.parametrize(
+    "text", ["name", "a/b/c", "/abs/path", "org/", "/name", "org/na me", "org/-name", "org/na--me", "org/x.git", 42]
+)
+def test_other_shapes_are_not_hub_ids(text):
+    assert not is_hub_id(text)
 
 
 def test_spec_parse_reads_options():
@@ -92,18 +109,22 @@ def test_duplicate_or_empty_source_lists_are_rejected(tmp_path):
 # ---------------------------------------------------------------- decoding rows
 
 
-def test_decode_row_image_limits_size_and_rejects_garbage():
+def test_decode_row_image_limits_size_and_rejects_garbage(tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((600, 900, 3), dtype=np.uint8)).save(buffer, format="JPEG")
     image = decode_row_image({"bytes": buffer.getvalue(), "path": None}, max_side=256)
     assert image.mode == "RGB" and max(image.size) == 256
-    with pytest.raises((ValueError, OSError)):
+    (tmp_path / "row.jpg").write_bytes(buffer.getvalue())  # a cell with only a path (imagefolder rows)
+    assert decode_row_image({"bytes": None, "path": str(tmp_path / "row.jpg")}, max_side=300).size == (300, 200)
+    with pytest.raises(ImageDecodeError, match="cannot read image file"):
+        decode_row_image({"bytes": None, "path": str(tmp_path / "absent.jpg")}, max_side=256)
+    with pytest.raises(ImageDecodeError):
         decode_row_image({"bytes": b"garbage", "path": None}, max_side=256)
-    with pytest.raises(ValueError, match="holds no image"):
+    with pytest.raises(ImageDecodeError, match="holds no image"):
         decode_row_image(42, max_side=256)
     tiny = io.BytesIO()
     Image.new("RGB", (2, 2)).save(tiny, format="PNG")
-    with pytest.raises(ValueError, match="smaller"):
+    with pytest.raises(ImageDecodeError, match="smaller"):
         decode_row_image({"bytes": tiny.getvalue()}, max_side=256)
 
 

@@ -17,7 +17,7 @@ import pytest
 import bitmind
 from bitmind.chain.local import LocalChain
 from bitmind.config import build_config
-from bitmind.monitoring import WATCHDOG_EXIT_CODE
+from bitmind.monitoring.watchdog import WATCHDOG_EXIT_CODE
 from bitmind.transport import ValidatorClient
 from neurons import validator as validator_module
 from neurons.validator import Validator, build_parser, main

@@ -79,7 +79,7 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
         help="Probability that a challenge is AI-generated (from the synthetic cache) rather than real.")
     add("--validator.real_datasets", type=str, default=",".join(DEFAULT_REAL_DATASETS),
         help=f"Real images: comma list of hub ids / local parquet files, globs or folders / image folders, each "
-             f"optionally with ?split=S&labels=0 (see validator/challenges/real.py); '{PACKAGED}' is the small "
+             f"optionally with ?split=S&labels=0 (see validator/challenges/dataset_spec.py); '{PACKAGED}' is the small "
              f"sample shipped with the package (offline demos).")
     add("--validator.real_cache", type=str, default=str(DEFAULT_HOME / "validator" / "real_cache"),
         help="Folder where real images are cached by the background filler.")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import bitmind
+from bitmind.backoff import Backoff
 from bitmind.chain.base import Chain, hotkey_of
 
 __all__ = ["WeightSetter", "WeightSetterStats", "add_weight_args"]
@@ -98,14 +99,12 @@ class WeightSetter:
         self.backoff = backoff
         self.version_key = version_key
         self.hold_fn = hold_fn
-        self._clock = clock
         self._lock = threading.Lock()
         self._stats = WeightSetterStats(last_success_block=last_success_block)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._requested_block: int | None = None
-        self._consecutive_failures = 0
-        self._retry_at = float("-inf")
+        self._backoff = Backoff(min(backoff, MAX_BACKOFF), MAX_BACKOFF, clock)
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -185,8 +184,8 @@ class WeightSetter:
                     self._stats = replace(self._stats, in_flight=False)
 
     def _attempt(self, block: int | None) -> None:
-        if self._clock() < self._retry_at:
-            logger.debug("weights: backing off after %d failed tries", self._consecutive_failures)
+        if not self._backoff.ready():
+            logger.debug("weights: backing off after %d failed tries", self._backoff.failures)
             return
         if block is None:
             try:
@@ -249,13 +248,10 @@ class WeightSetter:
             ok, message = False, f"{type(exc).__name__}: {exc}"
         duration = time.monotonic() - started
         if ok:
-            self._consecutive_failures = 0
-            self._retry_at = float("-inf")
+            self._backoff.succeeded()
             outcome = {"successes": self._stats.successes + 1, "last_success_block": block}
         else:
-            self._consecutive_failures += 1
-            delay = min(self.backoff * 2 ** (self._consecutive_failures - 1), MAX_BACKOFF)
-            self._retry_at = self._clock() + delay
+            delay = self._backoff.failed()
             message += f"; next try in {delay:g} s at the earliest"
             outcome = {"failures": self._stats.failures + 1}
         self._update(last_ok=ok, last_message=message, last_duration_s=duration, **outcome)

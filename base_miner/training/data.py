@@ -11,7 +11,6 @@ generator, label) pick rows by metadata: after `?` they keep only the matching r
 the trainer's `--holdout` selectors remove the matching rows from training and validate on them instead.
 """
 
-import base64
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_image
+from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_cell
 
 __all__ = [
     "COLUMNS",
@@ -75,7 +74,7 @@ class DatasetSpec:
     def parse(cls, text: str) -> "DatasetSpec":
         text = str(text).strip()
         selectors: tuple[Selector, ...] = ()
-        if "?" in text and not Path(text).exists():
+        if "?" in text and not _exists(text):
             text, _, query = text.rpartition("?")
             selectors = tuple(parse_selector(part) for part in query.split("&") if part)
             if not selectors:
@@ -83,7 +82,7 @@ class DatasetSpec:
         if not text:
             raise DataError("empty dataset spec")
         match = _SPLIT_SUFFIX.match(text)
-        if match and not Path(text).exists():
+        if match and not _exists(text):
             return cls(match["location"], match["split"], selectors)
         return cls(text, "train", selectors)
 
@@ -101,6 +100,14 @@ class DatasetSpec:
         if self.selectors:
             name += "?" + "&".join(str(s) for s in self.selectors)
         return name
+
+
+def _exists(text: str) -> bool:
+    """Whether a path exists; a name the OS cannot even look up (too long, NUL byte) does not."""
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def parse_selector(text: str) -> Selector:
@@ -230,18 +237,9 @@ def balanced_weights(groups: Iterable[tuple]) -> np.ndarray:
 
 
 def decode_row_image(value: dict | None) -> Image.Image:
-    """RGB image of an undecoded `image` cell ({bytes, path}); `ImageDecodeError` when it is not a readable image."""
-    if not isinstance(value, dict):
-        raise ImageDecodeError(f"image cell is {type(value).__name__}, not {{bytes, path}}")
-    raw = value.get("bytes")
-    if not raw and value.get("path"):
-        try:
-            raw = Path(value["path"]).read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError(f"cannot read image file {value['path']!r}: {exc}") from exc
-    if not raw:
-        raise ImageDecodeError("image cell holds neither bytes nor a readable path")
-    return decode_image(base64.b64encode(raw), DATA_DECODE_LIMITS)
+    """RGB image of an undecoded `image` cell ({bytes, path}) under the training limits; `ImageDecodeError` when it
+    is not a readable image."""
+    return decode_cell(value, DATA_DECODE_LIMITS)
 
 
 def face_crops(ds, gate, desc: str = "face crops"):

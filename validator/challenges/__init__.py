@@ -5,14 +5,14 @@ Each source's `sample(rng)` yields `(RGB image, label, metadata)` or None when i
 """
 
 from validator.challenges.cache import ImageCache
-from validator.challenges.real import (
+from validator.challenges.dataset_spec import (
     DEFAULT_REAL_DATASETS,
     PACKAGED,
     DatasetSpec,
-    RealImageSource,
     packaged_real_sample,
     parse_dataset_list,
 )
+from validator.challenges.real import RealImageSource
 from validator.challenges.sampler import Challenge, ChallengeSampler
 from validator.challenges.synthetic import SyntheticImageSource
 

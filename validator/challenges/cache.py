@@ -10,10 +10,10 @@ remove broken items (unreadable sidecar, missing or undecodable image) instead o
 import io
 import json
 import logging
+import math
 import os
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from bitmind.atomic import atomic_write_bytes, temp_target
-from bitmind.image_codec import to_rgb
+from bitmind.image_codec import DecodeLimits, decode_bytes, to_rgb
+from bitmind.json_safe import json_safe
 
 __all__ = ["CacheItem", "ImageCache"]
 
@@ -36,6 +37,9 @@ SWEEP_INTERVAL_S = 60.0
 SAMPLE_ATTEMPTS = 8
 # The key `sample` adds to the metadata it returns: which item was read (handy in challenge logs).
 ITEM_KEY = "cache_item"
+# Items were checked when their writer decoded them; reading them back only guards memory (a file replaced by a
+# pixel bomb), so shape limits are off and the byte limit is the cache's own cap.
+ITEM_MAX_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -46,17 +50,6 @@ class CacheItem:
     image_path: Path | None  # None for a broken item whose image is gone
     sidecar_path: Path
     nbytes: int
-
-
-def _json_default(value: Any) -> Any:
-    """Let callers put numpy scalars/arrays and paths in metadata; reject anything else clearly."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
 
 
 class ImageCache:
@@ -75,6 +68,9 @@ class ImageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self.max_items = max_items
+        self._read_limits = DecodeLimits(
+            max_bytes=self.max_bytes, max_pixels=ITEM_MAX_PIXELS, max_aspect_ratio=math.inf, min_side=1
+        )
         self._last_sweep = float("-inf")
 
     def __repr__(self) -> str:
@@ -157,8 +153,8 @@ class ImageCache:
             "metadata": metadata,
         }
         try:
-            sidecar_bytes = json.dumps(sidecar, default=_json_default).encode("utf-8")
-        except (TypeError, ValueError) as exc:
+            sidecar_bytes = json.dumps(json_safe(sidecar), allow_nan=False).encode("utf-8")
+        except TypeError as exc:
             raise ValueError(f"metadata cannot be stored as JSON: {exc}") from exc
         buffer = _encode(image, pil_format, quality)
         if len(buffer) + len(sidecar_bytes) > self.max_bytes:
@@ -251,18 +247,12 @@ class ImageCache:
             return None
         image_path = self.root / image_name
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(image_path) as opened:
-                    opened.load()
-                    image = to_rgb(opened)
-                    if image is opened:
-                        image = opened.copy()
+            image = decode_bytes(image_path.read_bytes(), self._read_limits)
         except FileNotFoundError:
             if sidecar_path.exists():  # sidecar without image: broken; otherwise evicted meanwhile
                 self._discard(stem, image_name, "image file missing")
             return None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
             self._discard(stem, image_name, f"unreadable image ({exc})")
             return None
         return image, {**metadata, ITEM_KEY: stem}

@@ -1,225 +1,46 @@
-"""Real images for challenges: `datasets`-backed sources filling a size-capped local cache in the background.
+"""Real challenge images: `datasets`-backed sources filling a size-capped local cache in the background.
 
-Every source is read with `datasets.load_dataset(..., streaming=True)`, one code path for a hub id (nothing large
-is downloaded: rows stream in), a local parquet file / glob / folder of parquet files (`"parquet"` builder) and a
-folder of images (`"imagefolder"` builder). A daemon thread pulls a bounded batch of rows per source per round
-into one `ImageCache` per source; a failing source is logged and retried later with exponential backoff while
-the others keep working. Sampling picks a source uniformly (among sources with cached images), then an item
-uniformly, so a huge dataset does not drown a small one. With nothing cached yet `sample` returns None.
+A daemon thread pulls a bounded batch of rows per source per round into one `ImageCache` per source; a failing
+source is logged and retried later with exponential back-off (`bitmind.backoff`) while the others keep working.
+Sampling picks a source uniformly (among sources with cached images), then an item uniformly, so a huge dataset
+does not drown a small one. With nothing cached yet `sample` returns None. Where rows come from and how they are
+streamed is `validator.challenges.dataset_spec`; each row's image is decoded by the codec (`bitmind.image_codec`).
 
 A row's identity in the metadata is (dataset, split, stream_seed, row): `row` is the row's position in the stream
-shuffled with `stream_seed` (`load_dataset(..., streaming=True).shuffle(seed=stream_seed, buffer_size=...)`),
-counted before the label filter; non-image scalar columns of the row are copied into `fields`.
+shuffled with `stream_seed`, counted before the label filter; non-image scalar columns of the row are copied into
+`fields`.
 """
 
-import inspect
-import io
 import logging
-import re
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from hashlib import sha1
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from bitmind.image_codec import DecodeLimits, to_rgb
+from bitmind.backoff import Backoff
+from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_cell
 from validator.challenges.cache import FORMATS as IMAGE_FORMATS
 from validator.challenges.cache import ImageCache
+from validator.challenges.dataset_spec import DEFAULT_REAL_DATASETS, DatasetSpec
 
-__all__ = [
-    "DEFAULT_REAL_DATASETS",
-    "DatasetSpec",
-    "PACKAGED",
-    "RealImageSource",
-    "decode_row_image",
-    "packaged_real_sample",
-    "parse_dataset_list",
-]
+__all__ = ["RealImageSource", "decode_row_image"]
 
 log = logging.getLogger(__name__)
 
-# The ten real-image datasets subnet-34 validators have used (all with an `image` column and a `train` split).
-DEFAULT_REAL_DATASETS: tuple[str, ...] = (
-    "bitmind/bm-real",
-    "bitmind/open-images-v7",
-    "bitmind/celeb-a-hq",
-    "bitmind/ffhq-256",
-    "bitmind/MS-COCO-unique-256",
-    "bitmind/AFHQ",
-    "bitmind/lfw",
-    "bitmind/caltech-256",
-    "bitmind/caltech-101",
-    "bitmind/dtd",
-)
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LOCAL_SUFFIXES = {".parquet", ".jpg", ".jpeg", ".png", ".webp"}
-_SPEC_KEYS = {"split", "name", "image", "label_column", "labels", "shuffle_buffer"}
 MAX_FIELD_CHARS = 200
 # Rows scanned per wanted item before a round gives up (bounds a round when a label filter rejects most rows).
 MAX_SCAN_PER_ITEM = 50
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where real images come from: a hub id, a local parquet file / glob / folder, or a folder of images.
-
-    `labels` keeps only rows whose `label_column` value is one of them (e.g. `(0,)` for the real half of a
-    mixed real/fake parquet). `split` and `name` (the hub config) apply to hub datasets only.
-    """
-
-    path: str
-    split: str = "train"
-    name: str | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    labels: tuple[int, ...] | None = None
-    shuffle_buffer: int = 200
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path.strip():
-            raise ValueError("dataset path must be a non-empty string")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.labels is not None:
-            object.__setattr__(self, "labels", tuple(int(label) for label in self.labels))
-
-    @classmethod
-    def parse(cls, text: str) -> "DatasetSpec":
-        """From a command-line value: `PATH[?split=S&name=C&image=COL&label_column=COL&labels=0,2&shuffle_buffer=N]`."""
-        path, _, query = text.strip().partition("?")
-        try:
-            options = parse_qs(query, keep_blank_values=True, strict_parsing=True) if query else {}
-        except ValueError:
-            raise ValueError(f"malformed dataset options in {text!r}") from None
-        unknown = set(options) - _SPEC_KEYS
-        if unknown:
-            raise ValueError(f"unknown dataset option(s) {sorted(unknown)} in {text!r}; known: {sorted(_SPEC_KEYS)}")
-        one = {key: values[-1] for key, values in options.items()}
-        renames = {"split": "split", "name": "name", "image": "image_column", "label_column": "label_column"}
-        kwargs: dict[str, Any] = {attr: one[key] for key, attr in renames.items() if key in one}
-        try:
-            if "labels" in one:
-                kwargs["labels"] = tuple(int(v) for v in one["labels"].split(",") if v.strip())
-            if "shuffle_buffer" in one:
-                kwargs["shuffle_buffer"] = int(one["shuffle_buffer"])
-        except ValueError:
-            raise ValueError(f"labels must be comma-separated integers, shuffle_buffer an integer: {text!r}") from None
-        return cls(path=path, **kwargs)
-
-    @property
-    def is_hub(self) -> bool:
-        local = Path(self.path).expanduser()
-        return bool(_HUB_ID.match(self.path)) and local.suffix.lower() not in _LOCAL_SUFFIXES and not local.exists()
-
-    @property
-    def id(self) -> str:
-        """Short human-readable name for logs and metadata."""
-        if self.is_hub:
-            config = f"/{self.name}" if self.name else ""
-            return self.path + config + (f":{self.split}" if self.split != "train" else "")
-        return "/".join(Path(self.path).expanduser().parts[-2:]) or self.path
-
-    @property
-    def slug(self) -> str:
-        """Folder name of this source's cache: readable, unique per spec."""
-        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", self.id)[:60]
-        digest = sha1(repr(self).encode()).hexdigest()[:8]
-        return f"{readable}-{digest}"
-
-    def load(self):  # -> datasets.IterableDataset
-        """The rows as a streaming dataset (same `load_dataset` call an operator would make)."""
-        import datasets
-
-        if self.is_hub:
-            return datasets.load_dataset(self.path, name=self.name, split=self.split, streaming=True)
-        local = Path(self.path).expanduser()
-        if any(char in self.path for char in "*?["):
-            return datasets.load_dataset("parquet", data_files=str(local), split="train", streaming=True)
-        if local.is_dir():
-            parquet_files = sorted(str(p) for p in local.rglob("*.parquet"))
-            if parquet_files:
-                return datasets.load_dataset("parquet", data_files=parquet_files, split="train", streaming=True)
-            return datasets.load_dataset("imagefolder", data_dir=str(local), split="train", streaming=True)
-        if local.is_file() and local.suffix.lower() == ".parquet":
-            return datasets.load_dataset("parquet", data_files=str(local), split="train", streaming=True)
-        if local.exists():
-            raise ValueError(f"{self.path}: not a parquet file or a folder (of parquet files or images)")
-        raise FileNotFoundError(f"{self.path}: no such file or folder, and not a hub dataset id")
-
-    def open_stream(self, seed: int):  # -> datasets.IterableDataset
-        """`load()` with the image column left undecoded (we decode with limits) and a seeded shuffle."""
-        import datasets
-
-        stream = self.load()
-        features = stream.features
-        if features is not None:
-            if self.image_column not in features:
-                raise ValueError(f"{self.id}: no column {self.image_column!r}; columns are {sorted(features)}")
-            if isinstance(features[self.image_column], datasets.Image):
-                stream = stream.cast_column(self.image_column, datasets.Image(decode=False))
-        if self.shuffle_buffer:
-            options: dict[str, Any] = {}
-            if "max_buffer_input_shards" in inspect.signature(stream.shuffle).parameters:
-                # One shard at a time (shard order is still shuffled): interleaving shards starts reader threads
-                # and costs a 5 s sleep whenever a stream ends or is dropped (seen with datasets 5.2).
-                options["max_buffer_input_shards"] = 1
-            stream = stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer, **options)
-        return stream
-
-    def accepts(self, row: dict[str, Any]) -> bool:
-        if self.labels is None:
-            return True
-        if self.label_column not in row:
-            raise ValueError(f"{self.id}: no label column {self.label_column!r}; columns are {sorted(row)}")
-        return row[self.label_column] in self.labels
-
-
-def packaged_real_sample() -> DatasetSpec:
-    """The small real-image sample shipped in the package (see validator/assets/LICENSES.md), for offline demos."""
-    folder = files("validator").joinpath("assets", "real_sample")
-    return DatasetSpec(path=str(folder), shuffle_buffer=0)
-
-
 def decode_row_image(value: Any, max_side: int, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
-    """An RGB image no larger than max_side from a row's image value; ValueError/OSError when unusable.
-
-    JPEGs are decoded at a reduced scale when they are much larger than needed (PIL `draft`), which makes big
-    photos cheap.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict) and value.get("bytes"):
-            if len(value["bytes"]) > limits.max_bytes:
-                raise ValueError(f"encoded image of {len(value['bytes'])} bytes exceeds {limits.max_bytes}")
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            import datasets
-
-            image = datasets.Image().decode_example(value)  # a local or remote file
-        else:
-            raise ValueError(f"image value of type {type(value).__name__} holds no image")
-        if image.format == "JPEG":
-            image.draft("RGB", (max_side, max_side))
-        if image.width * image.height > limits.max_pixels:
-            raise ValueError(f"image of {image.width}x{image.height} pixels exceeds {limits.max_pixels}")
-        if min(image.size) < limits.min_side:
-            raise ValueError(f"image of {image.width}x{image.height} is smaller than {limits.min_side} pixels a side")
-        image.load()
-        image = to_rgb(ImageOps.exif_transpose(image) or image)
-    if max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return image
+    """A real row's image cell as the validator uses it: RGB, no larger than `max_side` (a big JPEG decodes at a
+    reduced scale), within `limits`; `ImageDecodeError` when unusable."""
+    return decode_cell(value, limits, max_side)
 
 
 def _scalar_fields(row: dict[str, Any], skip: str) -> dict[str, Any]:
@@ -238,13 +59,12 @@ def _scalar_fields(row: dict[str, Any], skip: str) -> dict[str, Any]:
 class _SourceState:
     spec: DatasetSpec
     cache: ImageCache
+    backoff: Backoff
     stream: Iterator[tuple[int, dict[str, Any]]] | None = None
     stream_seed: int = 0
     pass_added: int = 0
     pass_complete: bool = False
     last_refresh: float = float("-inf")
-    failures: int = 0
-    retry_at: float = 0.0
     last_error: str = ""
     bad_rows: int = 0
     added: int = 0
@@ -295,12 +115,11 @@ class RealImageSource:
         self.image_format = image_format
         self.refresh_interval_s = refresh_interval_s
         self.poll_s = poll_s
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
         self.log_interval_s = log_interval_s
         per_source_bytes = max_bytes // len(specs)
         self._states = [
-            _SourceState(spec, ImageCache(self.cache_dir / spec.slug, per_source_bytes, items_per_source))
+            _SourceState(spec, ImageCache(self.cache_dir / spec.slug, per_source_bytes, items_per_source),
+                         Backoff(retry_base_s, retry_max_s))
             for spec in specs
         ]
         self._seeds = np.random.default_rng(seed)
@@ -332,7 +151,7 @@ class RealImageSource:
                 "source": s.spec.id,
                 "items": len(s.cache),
                 "added": s.added,
-                "failures": s.failures,
+                "failures": s.backoff.failures,
                 "last_error": s.last_error,
                 "bad_rows": s.bad_rows,
             }
@@ -362,30 +181,28 @@ class RealImageSource:
         return added
 
     def _fill_source(self, state: _SourceState) -> int:
-        now = time.monotonic()
-        if now < state.retry_at:
+        if not state.backoff.ready():
             return 0
+        now = time.monotonic()
         saturated = state.pass_complete or state.cache.is_full()
         if saturated and (self.refresh_interval_s is None or now - state.last_refresh < self.refresh_interval_s):
             return 0
         try:
             added = self._pull(state, self.fill_batch)
         except Exception as exc:  # a source must never take the filler down; it is retried with backoff
-            state.failures += 1
             state.stream = None
             state.last_error = f"{type(exc).__name__}: {exc}"
-            delay = min(self.retry_max_s, self.retry_base_s * 2 ** min(state.failures - 1, 30))
-            state.retry_at = time.monotonic() + delay
+            delay = state.backoff.failed()
             log.warning(
                 "real source %s failed (%d in a row): %s; retrying in %.0f s",
-                state.spec.id, state.failures, state.last_error, delay,
+                state.spec.id, state.backoff.failures, state.last_error, delay,
             )
             return 0
         if saturated:
             state.last_refresh = now
-        if state.failures:
-            log.info("real source %s recovered after %d failures", state.spec.id, state.failures)
-            state.failures = 0
+        recovered_after = state.backoff.succeeded()
+        if recovered_after:
+            log.info("real source %s recovered after %d failures", state.spec.id, recovered_after)
         state.added += added
         return added
 
@@ -415,7 +232,7 @@ class RealImageSource:
                 continue
             try:
                 image = decode_row_image(row.get(state.spec.image_column), self.max_side)
-            except (ValueError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            except ImageDecodeError as exc:
                 state.bad_rows += 1
                 log.warning("real source %s: skipping row %d: %s", state.spec.id, position, exc)
                 continue
@@ -489,23 +306,3 @@ class RealImageSource:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-PACKAGED = "packaged"
-
-
-def parse_dataset_list(text: str) -> list[DatasetSpec]:
-    """A comma-separated dataset list (`--validator.real_datasets`, `--generator.real_source`) into specs; `packaged` is the shipped sample. ValueError when malformed or empty.
-
-    A comma also separates the values of a `labels=0,2` option: a part starting with an integer right after a
-    `labels=` list continues that entry.
-    """
-    entries: list[str] = []
-    for part in (piece.strip() for piece in text.split(",")):
-        if entries and re.search(r"labels=[-\d,]*$", entries[-1]) and re.fullmatch(r"-?\d+(&.*)?", part):
-            entries[-1] += "," + part
-        elif part:
-            entries.append(part)
-    if not entries:
-        raise ValueError("no real dataset given")
-    return [packaged_real_sample() if entry == PACKAGED else DatasetSpec.parse(entry) for entry in entries]

@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bitmind.hub_id import is_hub_id
 from validator.generation.memory import modules_gb
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 _DTYPES = ("float16", "bfloat16", "float32")
 # Arguments the pool sets itself; a model entry may not override them.
 _RESERVED_CALL_KWARGS = frozenset({"prompt", "generator", "height", "width", "output_type", "return_dict"})
@@ -236,7 +236,7 @@ def _spec_for_token(token: str) -> ModelSpec:
         return ModelSpec(name=_safe_name(folder.name), path=str(folder.resolve()))
     if token.startswith(("/", ".", "~")):
         raise ModelConfigError(f"model {token!r}: no such local folder")
-    if not _HUB_ID.fullmatch(token):
+    if not is_hub_id(token):
         raise ModelConfigError(
             f"model {token!r} is not a built-in name ({', '.join(_DEFAULT_BY_NAME)}), "
             "an existing local pipeline folder, or a hub id (owner/name)"

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 import bitmind
+from bitmind.json_safe import json_safe
 from validator.challenges.cache import ImageCache
 from validator.generation.captioner import Captioner
 from validator.generation.diffusion import DiffusionModelPool, GeneratedImage, ModelLoadError, NoModelAvailable
@@ -83,17 +84,18 @@ class GenerationRecord:
     metadata: dict[str, Any]
 
 
-def _json_safe(metadata: dict[str, Any], max_chars: int = 2000) -> dict[str, Any]:
-    """The JSON-serialisable fields of a source's metadata (dataset, row, ...): enough to find the real image again."""
-    safe = {}
+def _source_fields(metadata: dict[str, Any], max_chars: int = 2000) -> dict[str, Any]:
+    """The JSON-storable fields of a source's metadata (dataset, row, ...): enough to find the real image again.
+    Fields JSON cannot hold, or longer than `max_chars` as JSON, are left out."""
+    kept = {}
     for key, value in metadata.items():
         try:
-            text = json.dumps(value)
-        except (TypeError, ValueError):
+            value = json_safe(value)
+        except TypeError:
             continue
-        if len(text) <= max_chars:
-            safe[str(key)] = value
-    return safe
+        if len(json.dumps(value)) <= max_chars:
+            kept[str(key)] = value
+    return kept
 
 
 class SyntheticImagePipeline:
@@ -202,7 +204,7 @@ class SyntheticImagePipeline:
             "rewritten": rewritten or None,
             "captioner": self.captioner.model_id,
             "rewriter": self.rewriter.model_id if self.rewriter else None,
-            "source": _json_safe(source_meta),
+            "source": _source_fields(source_meta),
         }
 
     def _generate(self, prompt: str, model: str | None) -> GeneratedImage:
