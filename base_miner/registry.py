@@ -29,9 +29,12 @@ _BUILTIN_MODULES = (
     "base_miner.detectors.npr",
     "base_miner.detectors.ucf",
     "base_miner.detectors.generalist",
+    "base_miner.detectors.probe",
+    "base_miner.detectors.tiny_cnn",
     "base_miner.detectors.baseline",
     "base_miner.detectors.camo",
     "base_miner.gates.face",
+    "base_miner.export.package_detector",
 )
 
 

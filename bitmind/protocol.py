@@ -8,10 +8,17 @@ import pydantic
 
 from bitmind import __version__, spec_version
 
-__all__ = ["ImageSynapse", "NO_ANSWER", "__version__", "spec_version"]
+__all__ = ["DECISION_THRESHOLD", "ImageSynapse", "NO_ANSWER", "__version__", "is_generated", "spec_version"]
 
 # A miner that cannot answer leaves the prediction at this value.
 NO_ANSWER = -1.0
+# The subnet's decision rule, used by the validator's reward, the arena, training and the export score alike.
+DECISION_THRESHOLD = 0.5
+
+
+def is_generated(probability: typing.Any) -> typing.Any:
+    """Strictly above 0.5 means "AI-generated"; 0.5 itself is "real". Works on a float or a numpy array."""
+    return probability > DECISION_THRESHOLD
 
 
 class ImageSynapse(bt.Synapse):

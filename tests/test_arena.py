@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 from base_miner.arena import cli
 from base_miner.arena.metrics import binary_metrics, roc_points
@@ -25,7 +26,7 @@ PROBS = [0.9, 0.8, 0.7, 0.55, 0.4, 0.1, 0.6, 0.3, 0.2, 0.05]
 
 def test_metrics_equal_scikit_learn_and_hand_counts():
     m = binary_metrics(LABELS, PROBS)
-    predicted = [int(p >= 0.5) for p in PROBS]
+    predicted = [int(p > 0.5) for p in PROBS]
     tp, fn, fp, tn = 4, 2, 1, 3
     assert m["n"] == 10
     assert m["accuracy"] == pytest.approx((tp + tn) / 10) == skm.accuracy_score(LABELS, predicted)
@@ -38,6 +39,25 @@ def test_metrics_equal_scikit_learn_and_hand_counts():
     assert m["ap"] == pytest.approx(skm.average_precision_score(LABELS, PROBS))
     fpr, tpr = roc_points(LABELS, PROBS)
     assert fpr[0] == 0 and tpr[-1] == 1 and len(fpr) == len(tpr)
+
+
+def test_brier_and_ece_equal_scikit_learn():
+    probs = [0.93, 0.82, 0.71, 0.55, 0.44, 0.12, 0.63, 0.35, 0.25, 0.05, 0.91, 0.08]  # none on a bin edge
+    labels = LABELS + [0, 1]
+    m = binary_metrics(labels, probs)
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(labels, probs))
+    # ECE from scikit-learn's reliability curve: sklearn drops empty bins and gives per-bin means; weight by bin size.
+    frac_fake, mean_prob = calibration_curve(labels, probs, n_bins=10, strategy="uniform")
+    counts = np.histogram(probs, bins=np.linspace(0, 1, 11))[0]
+    assert len(frac_fake) == (counts > 0).sum() == 10
+    expected = float(np.sum(counts[counts > 0] * np.abs(frac_fake - mean_prob)) / len(probs))
+    assert m["ece"] == pytest.approx(expected)
+    # A perfectly calibrated constant (half the labels fake, p = 0.5 everywhere) has ECE 0 and Brier 0.25.
+    flat = binary_metrics([0, 1, 0, 1], [0.5] * 4)
+    assert flat["ece"] == pytest.approx(0.0) and flat["brier"] == pytest.approx(0.25)
+    # Confidently wrong answers are the worst case on both.
+    wrong = binary_metrics([0, 1], [1.0, 0.0])
+    assert wrong["ece"] == pytest.approx(1.0) and wrong["brier"] == pytest.approx(1.0)
 
 
 def test_one_class_has_no_ranking_metrics_and_empty_input_is_all_none():
@@ -156,8 +176,8 @@ def test_arena_reads_imagefolders(tmp_path, caplog):
     argv = ["--detector", "baseline", "--dataset", str(tmp_path / "imgs"), "--robustness-rows", "0", "--out", str(out)]
     assert cli.main(argv) == 0
     m = json.loads((out / "results.json").read_text())["detectors"]["baseline"]["datasets"]["imgs"]
-    # constant 0.5 answers "fake" for every image: recall 1, precision = share of fakes
-    assert m["n"] == 6 and m["recall"] == 1.0 and m["precision"] == 0.5
+    # constant 0.5 answers "real" for every image (only > 0.5 means generated): recall 0, accuracy = share of reals
+    assert m["n"] == 6 and m["recall"] == 0.0 and m["accuracy"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -176,7 +196,9 @@ def test_arena_bad_input_exits_with_a_clear_error(args, message, tiny_parquet, t
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_arena_requires_detector_and_dataset(tmp_path):
+def test_arena_requires_detector_and_dataset(tmp_path, caplog):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["--detector", "baseline", "--out", str(tmp_path)])
+        cli.main(["--dataset", "x", "--out", str(tmp_path)])
     assert exc.value.code == 2
+    assert cli.main(["--detector", "baseline", "--out", str(tmp_path)]) == 2
+    assert "give at least one --dataset or --protocol" in caplog.text

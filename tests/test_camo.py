@@ -177,7 +177,7 @@ def test_camo_reads_experts_from_yaml_paths_relative_to_its_config(tmp_path, pic
     ("change", "message"),
     [
         ({"experts": {"hands": {"detector": STAND_IN, "value": 0.5}, "general": {"detector": STAND_IN, "value": 0.5}}},
-         "unknown expert 'hands'"),
+         "never used"),
         ({"experts": {"face": {"detector": STAND_IN, "value": 0.5}}}, "'general' expert"),
         ({"experts": {"face": {"detector": "no-such-detector"}, "general": {"detector": STAND_IN, "value": 0.5}}},
          "unknown detector"),

@@ -30,10 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
 
+from bitmind.protocol import is_generated
+
 __all__ = [
     "DEFAULT_HISTORY_ACC",
     "DEFAULT_HISTORY_MCC",
-    "THRESHOLD",
     "AnswerKind",
     "Reward",
     "classify_answer",
@@ -43,7 +44,6 @@ __all__ = [
 
 DEFAULT_HISTORY_MCC = 100
 DEFAULT_HISTORY_ACC = 10
-THRESHOLD = 0.5
 OK_STATUS = 200
 NO_ANSWER_VALUE = -1
 
@@ -102,7 +102,7 @@ def window_metrics(history: Sequence[Entry], window: int | None = None) -> tuple
     start = 0 if window is None else max(0, size - window)
     tp = fp = fn = tn = 0
     for label, probability in islice(history, start, None):
-        if probability > THRESHOLD:
+        if is_generated(probability):
             if label == 1:
                 tp += 1
             else:

@@ -6,9 +6,19 @@
 A detector is a packaged config name (camo, npr, generalist, ...) or a YAML path; a dataset is a parquet file or
 folder, an imagefolder with real/ and fake/, or a hub id, with an optional `:SPLIT` and `?KEY=VALUE&...` row
 selection (see `base_miner.training.data`). Unreadable rows are counted, reported and skipped.
+
+`--protocol DIR` (the shared `diverse` folder) adds the held-out protocol's rows as a dataset and writes
+`protocol.json` / `protocol.md`: every held-out generator family and real collection, per detector
+(`base_miner/arena/protocol.py`).
+
+Every result carries subnet 34's benchmark score (`sn34`, `base_miner/export/score.py`); the `sn34_chain` sweep
+scores the benchmark's degraded copies and gives `sn34_degraded` and the blended `sn34_blended`. A detector may
+also be a package written by `bitmind-export gas` (its folder or zip): it is then fed as the benchmark feeds it, so
+"as served" and "as exported" share one table.
 """
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -21,10 +31,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from base_miner.arena.metrics import binary_metrics, roc_points
+from base_miner.arena.protocol import markdown_table, protocol_report, protocol_spec
 from base_miner.arena.report import write_json, write_markdown, write_plots
 from base_miner.arena.robustness import SWEEPS, perturb
+from base_miner.export.package_detector import as_detector_config
+from base_miner.export.score import blend, sn34_score
 from base_miner.registry import ConfigError, build_detector, load_config
 from base_miner.training.data import DataError, DatasetSpec, decode_row_image, load_spec, stratified_subset
+from bitmind.atomic import atomic_write_bytes
 from bitmind.image_codec import ImageDecodeError
 
 __all__ = ["build_parser", "evaluate", "load_images", "main"]
@@ -44,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bitmind-arena", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--detector", action="append", required=True, metavar="CONFIG", help="YAML path or packaged config name; repeatable")
-    parser.add_argument("--dataset", action="append", required=True, metavar="DATASET", help="LOCATION[:SPLIT][?KEY=VALUE&...]; repeatable")
+    parser.add_argument("--dataset", action="append", default=[], metavar="DATASET", help="LOCATION[:SPLIT][?KEY=VALUE&...]; repeatable")
+    parser.add_argument("--protocol", default=None, metavar="DIR",
+                        help="folder of the shared diverse parquet files: evaluate on the held-out protocol's rows and write protocol.json / protocol.md")
     parser.add_argument("--out", required=True, help="output folder (results.json, leaderboard.md, *.png)")
     parser.add_argument("--max-rows", type=_positive_int, default=0, help="evaluate at most this many rows per dataset (stratified, seeded); 0 = all")
     parser.add_argument("--robustness-rows", type=_positive_int, default=200, help="rows per dataset for the robustness sweeps; 0 = no sweeps")
@@ -56,18 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_images(spec: DatasetSpec, max_rows: int, seed: int) -> tuple[list[Image.Image], list[int], int, int]:
-    """(images, labels, rows, unreadable) of a dataset; unreadable rows are logged and left out."""
+def load_images(spec: DatasetSpec, max_rows: int, seed: int) -> tuple[list[Image.Image], list[int], list[str], int, int]:
+    """(images, labels, sources, rows, unreadable) of a dataset; unreadable rows are logged and left out."""
     ds = stratified_subset(load_spec(spec), max_rows or None, seed)
-    images, labels, unreadable = [], [], 0
-    for index, (cell, label) in enumerate(zip(ds["image"], ds["label"])):
+    images, labels, sources, unreadable = [], [], [], 0
+    for index, (cell, label, source) in enumerate(zip(ds["image"], ds["label"], ds["source"])):
         try:
             images.append(decode_row_image(cell))
             labels.append(int(label))
+            sources.append(str(source))
         except ImageDecodeError as exc:
             unreadable += 1
             log.warning("%s: row %d is unreadable (%s); skipped", spec.name, index, exc)
-    return images, labels, len(ds), unreadable
+    return images, labels, sources, len(ds), unreadable
+
 
 
 def _predict(detector, images: list[Image.Image], batch_size: int, desc: str | None) -> tuple[list[float], float]:
@@ -99,7 +117,8 @@ def _robustness(detector, images, labels, rows: int, sweeps: Sequence[str], batc
             perturbed = [perturb(image, sweep, level) for image in subset]
             probabilities, _ = _predict(detector, perturbed, batch_size, None)
             m = binary_metrics(subset_labels, probabilities)
-            curves[sweep].append({"level": level, "n": m["n"], "accuracy": m["accuracy"], "mcc": m["mcc"], "auc": m["auc"]})
+            curves[sweep].append({"level": level, "n": m["n"], "accuracy": m["accuracy"], "mcc": m["mcc"], "auc": m["auc"],
+                                  "brier": m["brier"], "sn34": sn34_score(subset_labels, probabilities)})  # fmt: skip
     return curves
 
 
@@ -122,13 +141,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(sweeps) - set(SWEEPS))
     if unknown:
         raise ConfigError(f"unknown robustness sweep(s) {unknown}; choose from {list(SWEEPS)}")
-    for config in args.detector:
+    configs = [as_detector_config(config) for config in args.detector]  # exported packages become gas_package
+    for config in configs:
         load_config(config)  # a typo fails before any dataset is loaded
-    specs = [DatasetSpec.parse(text) for text in args.dataset]
-    datasets = {}
+    texts = list(args.dataset) + ([protocol_spec(args.protocol)] if args.protocol else [])
+    if not texts:
+        raise ConfigError("give at least one --dataset or --protocol")
+    specs = [DatasetSpec.parse(text) for text in texts]
+    protocol_name = specs[-1].name if args.protocol else None
+    datasets, sources_of = {}, {}
     for spec in specs:
-        images, labels, rows, unreadable = load_images(spec, args.max_rows, args.seed)
+        images, labels, sources, rows, unreadable = load_images(spec, args.max_rows, args.seed)
         datasets[spec.name] = (spec, images, labels, rows, unreadable)
+        sources_of[spec.name] = sources
         log.info("dataset %s: %d rows, %d readable (%d real, %d fake), %d unreadable",
                  spec.name, rows, len(images), labels.count(0), labels.count(1), unreadable)  # fmt: skip
     results: dict[str, Any] = {
@@ -136,25 +161,34 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "datasets": {name: {"spec": str(d[0].location), "rows": d[3], "unreadable": d[4]} for name, d in datasets.items()},
     }
     roc: dict[str, dict[str, Any]] = {}
-    for name, config in zip(_detector_names(args.detector), args.detector):
+    protocol: dict[str, Any] = {}
+    for name, config in zip(_detector_names(args.detector), configs):
         detector = build_detector(config, device=args.device)
         entry: dict[str, Any] = {"config": str(config), "datasets": {}, "robustness": {}}
         roc[name] = {}
         for dataset, (spec, images, labels, rows, unreadable) in datasets.items():
             probabilities, ms = _predict(detector, images, args.batch_size, f"{name} on {dataset}")
             metrics = binary_metrics(labels, probabilities)
-            entry["datasets"][dataset] = {**metrics, "ms_per_image": ms, "unreadable": unreadable}
+            sn34 = sn34_score(labels, probabilities)
+            entry["datasets"][dataset] = {**metrics, "sn34": sn34, "sn34_degraded": None, "sn34_blended": None,
+                                          "ms_per_image": ms, "unreadable": unreadable}  # fmt: skip
             roc[name][dataset] = roc_points(labels, probabilities) if images else None
-            log.info("%s on %s: n %d acc %s mcc %s auc %s ap %s, %.1f ms/image", name, dataset, metrics["n"],
-                     metrics["accuracy"], metrics["mcc"], metrics["auc"], metrics["ap"], ms)  # fmt: skip
+            if dataset == protocol_name:
+                protocol[name] = protocol_report(labels, probabilities, sources_of[dataset])
+            log.info("%s on %s: n %d acc %s mcc %s auc %s ap %s sn34 %s, %.1f ms/image", name, dataset, metrics["n"],
+                     metrics["accuracy"], metrics["mcc"], metrics["auc"], metrics["ap"], sn34, ms)  # fmt: skip
             if args.robustness_rows and images and sweeps:
                 entry["robustness"][dataset] = _robustness(
                     detector, images, labels, args.robustness_rows, sweeps, args.batch_size, args.seed
                 )
                 log.info("%s on %s: robustness sweeps %s done on %d images", name, dataset, ",".join(sweeps),
                          min(len(images), args.robustness_rows))  # fmt: skip
+                chain = entry["robustness"][dataset].get("sn34_chain")
+                if chain:  # the benchmark's robustness pass: level 1 of the chain, blended into the score
+                    degraded = chain[-1]["sn34"]
+                    entry["datasets"][dataset].update(sn34_degraded=degraded, sn34_blended=blend(sn34, degraded))
         results["detectors"][name] = entry
-    return {"results": results, "roc": roc}
+    return {"results": results, "roc": roc, "protocol": protocol}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json(outcome["results"], out), write_markdown(outcome["results"], out)]
     written += write_plots(outcome["results"], outcome["roc"], out)
+    if outcome["protocol"]:
+        written.append(atomic_write_bytes(out / "protocol.json", json.dumps(outcome["protocol"], indent=2).encode()))
+        written.append(atomic_write_bytes(out / "protocol.md", markdown_table(outcome["protocol"]).encode()))
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return 0
 

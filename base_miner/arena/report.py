@@ -3,21 +3,27 @@
 results.json:
     {"detectors": {name: {"config": str,
                           "datasets": {dataset: {"n", "accuracy", "precision", "recall", "f1", "mcc", "auc", "ap",
+                                                 "brier", "ece", "sn34", "sn34_degraded", "sn34_blended",
                                                  "ms_per_image", "unreadable"}},
-                          "robustness": {dataset: {sweep: [{"level", "n", "accuracy", "mcc", "auc"}, ...]}}}},
+                          "robustness": {dataset: {sweep: [{"level", "n", "accuracy", "mcc", "auc", "brier", "sn34"},
+                                                            ...]}}}},
      "datasets": {dataset: {"spec", "rows", "unreadable"}}}
 """
 
 import json
-import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULT_KEYS", "write_json", "write_markdown", "write_plots"]
+from base_miner.arena.metrics import METRIC_KEYS
+from bitmind.atomic import atomic_write_bytes
+from bitmind.json_safe import json_safe
 
-RESULT_KEYS = ("n", "accuracy", "precision", "recall", "f1", "mcc", "auc", "ap", "ms_per_image")
+__all__ = ["RESULT_KEYS", "SN34_KEYS", "write_json", "write_markdown", "write_plots"]
+
+RESULT_KEYS = (*METRIC_KEYS, "ms_per_image")
+# Subnet 34's benchmark score: clean pass, degraded pass (sn34_chain sweep, None when it did not run), blend.
+SN34_KEYS = ("sn34", "sn34_degraded", "sn34_blended")
 
 
 def _slug(text: str) -> str:
@@ -26,20 +32,7 @@ def _slug(text: str) -> str:
 
 def write_json(results: dict[str, Any], out: Path) -> Path:
     """Write results.json atomically (floats that are not finite become null, as JSON has no NaN)."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    path = out / "results.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(results), indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(out / "results.json", json.dumps(json_safe(results), indent=2, allow_nan=False).encode())
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -57,8 +50,9 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
     for dataset, info in datasets.items():
         lines += [f"## {dataset}", "", f"{info['rows']} rows, {info['unreadable']} unreadable (skipped).", ""]
         lines += [
-            "| detector | n | accuracy | precision | recall | F1 | MCC | ROC-AUC | AP | ms/image |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| detector | n | accuracy | precision | recall | F1 | MCC | ROC-AUC | AP | Brier | ECE "
+            "| sn34 | sn34 degraded | sn34 blended | ms/image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         entries = [
             (name, detector["datasets"][dataset])
@@ -67,7 +61,8 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
         ]
         entries.sort(key=lambda item: -(item[1]["mcc"] if item[1]["mcc"] is not None else -2.0))
         for name, m in entries:
-            cells = [name, str(m["n"])] + [_fmt(m[k]) for k in RESULT_KEYS[1:-1]] + [_fmt(m["ms_per_image"], 1)]
+            cells = [name, str(m["n"])] + [_fmt(m[k]) for k in RESULT_KEYS[1:-1]] + [_fmt(m.get(k)) for k in SN34_KEYS]
+            cells.append(_fmt(m["ms_per_image"], 1))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for name, detector in results["detectors"].items():

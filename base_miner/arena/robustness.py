@@ -1,5 +1,7 @@
 """Robustness sweeps: the same images degraded step by step (JPEG quality, Gaussian blur, down-then-up scaling,
 centre crop), so a detector's metrics can be plotted against the strength of each everyday transformation.
+`sn34_chain` is subnet 34's benchmark degradation chain (`base_miner.export.bench.degrade`): level 1 is the image
+its robustness pass scores, and the arena blends that pass into the sn34 score.
 
 Level 0 of every sweep is the untouched image, so each curve starts from the clean score.
 """
@@ -8,6 +10,8 @@ import io
 from collections.abc import Callable
 
 from PIL import Image, ImageFilter
+
+from base_miner.export.bench import degrade
 
 __all__ = ["SWEEPS", "Sweep", "perturb"]
 
@@ -41,6 +45,10 @@ def _crop(image: Image.Image, fraction: float) -> Image.Image:
     return image.crop((left, top, left + new_w, top + new_h))
 
 
+def _sn34_chain(image: Image.Image, level: float) -> Image.Image:
+    return degrade(image) if level else image
+
+
 class Sweep:
     """A named transformation and the levels it is applied at (first level = clean)."""
 
@@ -55,6 +63,7 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("blur", "Gaussian blur sigma (px)", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), _blur),
         Sweep("rescale", "down-up scale factor", (1.0, 0.9, 0.75, 0.5, 0.25), _rescale),
         Sweep("crop", "centre crop (side fraction)", (1.0, 0.9, 0.75, 0.5), _crop),
+        Sweep("sn34_chain", "sn34 degradation chain (0 clean, 1 degraded)", (0, 1), _sn34_chain),
     )
 }
 

@@ -1,9 +1,14 @@
 """CAMO, the content-aware mixture of experts: a gate routes each image by content to expert detectors.
 
-For a batch, the gate looks at every image, the routed images are grouped per expert, each expert's `predict`
-runs once on its group, and each image's expert outputs are combined into one probability. Default routing
-with the face gate: a face goes to the face expert (aligned crop) and, with `general_on_faces`, also to the
-general expert (full image); anything else, or an image the gate fails on, goes to the general expert only.
+For a batch, images are routed, the routed images are grouped per expert, each expert's `predict` runs once on its
+group, and each image's expert outputs are combined into one probability. Routing:
+1. Resolution: an image whose longer side is at most `resolution_route.max_side` (a 32² thumbnail) goes to that
+   route's expert alone — a net trained at that native size; up-scaling it for the others would erase the evidence.
+2. Content: the gate looks at every other image; a face goes to the face expert (aligned crop).
+3. The `always` experts (default: `general`) see every other full image (with `general_on_faces: false`, only
+   images without a gate region).
+Combining: `stacked` (a logistic regression over expert logits fitted on images no expert trained on, see
+`aggregator.py`), `weighted_mean`, or `max` (the reference subnet's rule, which lets one false alarm decide).
 """
 
 import logging
@@ -13,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from base_miner.detectors.aggregator import StackedAggregator
 from base_miner.detectors.base import DeepfakeDetector, Prediction
 from base_miner.registry import ConfigError, build_detector, build_gate, register_detector
 
@@ -21,10 +27,10 @@ __all__ = ["CAMO", "COMBINE_RULES", "GENERAL"]
 log = logging.getLogger(__name__)
 
 GENERAL = "general"
-COMBINE_RULES = ("max", "weighted_mean")
+COMBINE_RULES = ("max", "weighted_mean", "stacked")
 _KNOWN_KEYS = {
-    "detector", "name", "description", "device", "config_dir",
-    "gate", "experts", "combine", "weights", "general_on_faces",
+    "detector", "name", "description", "device", "config_dir", "gate", "experts", "combine", "weights",
+    "general_on_faces", "always", "resolution_route", "aggregator",
 }  # fmt: skip
 
 
@@ -49,12 +55,15 @@ class CAMO(DeepfakeDetector):
 
     Config keys:
       gate              gate name or mapping `{name: face, ...gate keys}` (default `face`)
-      experts           `{general: <config>, <content type>: <config>, ...}`; a config is a packaged config name,
-                        a YAML path (relative to this file) or an inline mapping; `general` is required and every
-                        other key must be a content type the gate emits
-      combine           `max` (the reference subnet's rule) or `weighted_mean` (default `max`)
+      experts           `{general: <config>, <name>: <config>, ...}`; a config is a packaged config name, a YAML
+                        path (relative to this file) or an inline mapping; `general` is required, every other
+                        key is a content type the gate emits, an `always` expert or the resolution route's expert
+      always            experts that see every full image (default `[general]`), e.g. `[general, npr]`
+      resolution_route  `{max_side: N, expert: NAME}`: images with longer side ≤ N go to NAME alone
+      combine           `stacked`, `weighted_mean` or `max` (default `max`)
+      aggregator        with `stacked`: the aggregator JSON written by bitmind-fit-stack (relative to this file)
       weights           `{expert: weight > 0}` for every expert; required by `weighted_mean`
-      general_on_faces  also run the general expert on the full image when the gate found a region (default true)
+      general_on_faces  also run the `always` experts on the full image when the gate found a region (default true)
     """
 
     def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
@@ -72,22 +81,63 @@ class CAMO(DeepfakeDetector):
         specs = self.config.get("experts")
         if not isinstance(specs, dict) or GENERAL not in specs:
             raise ConfigError(f"CAMO: experts must be a mapping with a {GENERAL!r} expert, got {specs!r}")
-        allowed = {GENERAL, *getattr(self.gate, "content_types", ())}
+        self.always = self._check_always(self.config.get("always", [GENERAL]), specs)
+        self.tiny_side, self.tiny_expert = self._check_resolution_route(self.config.get("resolution_route"), specs)
+        self.content_experts = [n for n in specs if n in getattr(self.gate, "content_types", ())]
+        allowed = {*self.always, *self.content_experts, *([self.tiny_expert] if self.tiny_expert else [])}
         for name in specs:
             if name not in allowed:
-                raise ConfigError(f"CAMO: unknown expert {name!r}; this gate routes to {sorted(allowed)}")
+                raise ConfigError(
+                    f"CAMO: expert {name!r} is never used; it must be a content type the gate emits "
+                    f"{sorted(getattr(self.gate, 'content_types', ()))}, listed in always, or the resolution route's"
+                )
         self.weights = self._check_weights(self.config.get("weights"), specs)
         config_dir = self.config.get("config_dir")
+        self.aggregator = self._load_aggregator(config_dir)
         self.experts: dict[str, DeepfakeDetector] = {
             name: build_detector(_resolve_expert(spec, config_dir), device=self.device) for name, spec in specs.items()
         }
         log.info(
-            "CAMO ready: gate %s, experts %s, combine %s, general_on_faces %s",
+            "CAMO ready: gate %s, experts %s, always %s, thumbnails (≤ %s px) → %s, combine %s, general_on_faces %s",
             type(self.gate).__name__,
             {name: expert.name for name, expert in self.experts.items()},
+            self.always,
+            self.tiny_side,
+            self.tiny_expert,
             self.combine,
             self.general_on_faces,
         )
+
+    @staticmethod
+    def _check_always(always: Any, experts: dict[str, Any]) -> list[str]:
+        if not isinstance(always, list) or GENERAL not in always or not set(always) <= set(experts):
+            raise ConfigError(f"CAMO: always must be a list of configured experts including {GENERAL!r}, got {always!r}")
+        return list(dict.fromkeys(always))
+
+    @staticmethod
+    def _check_resolution_route(route: Any, experts: dict[str, Any]) -> tuple[int | None, str | None]:
+        if route is None:
+            return None, None
+        side, expert = (route.get("max_side"), route.get("expert")) if isinstance(route, dict) else (None, None)
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1 or expert not in experts:
+            raise ConfigError(f"CAMO: resolution_route must be {{max_side: int >= 1, expert: <configured expert>}}, got {route!r}")
+        return side, expert
+
+    def _load_aggregator(self, config_dir: str | None) -> StackedAggregator | None:
+        if self.combine != "stacked":
+            return None
+        path = self.config.get("aggregator")
+        if not isinstance(path, str) or not path:
+            raise ConfigError("CAMO: combine stacked needs aggregator: <file written by bitmind-fit-stack>")
+        full = Path(config_dir) / path if config_dir and not Path(path).is_absolute() else Path(path)
+        aggregator = StackedAggregator.load(full)
+        optional = set(self.content_experts)
+        if aggregator.always != self.always or set(aggregator.optional) != optional:
+            raise ConfigError(
+                f"CAMO: aggregator {str(full)!r} was fitted for always {aggregator.always} and optional "
+                f"{aggregator.optional}, but this config has always {self.always} and optional {sorted(optional)}"
+            )
+        return aggregator
 
     def _check_weights(self, weights: Any, experts: dict[str, Any]) -> dict[str, float]:
         if self.combine != "weighted_mean":
@@ -124,6 +174,8 @@ class CAMO(DeepfakeDetector):
         return probabilities
 
     def _combine(self, outputs: dict[str, float]) -> float:
+        if self.aggregator is not None:
+            return self.aggregator.probability(outputs)
         if self.combine == "max":
             return max(outputs.values())
         total = sum(self.weights[name] for name in outputs)
@@ -134,12 +186,17 @@ class CAMO(DeepfakeDetector):
         routes: list[str] = []
         queues: dict[str, list[tuple[int, Image.Image]]] = {name: [] for name in self.experts}
         for index, image in enumerate(images):
+            if self.tiny_expert and max(image.size) <= self.tiny_side:
+                routes.append(self.tiny_expert)
+                queues[self.tiny_expert].append((index, image))
+                continue
             regions = self._route(index, image)
             routes.append(regions[0][0] if regions else GENERAL)
             for content, region in regions:
                 queues[content].append((index, region))
             if not regions or self.general_on_faces:
-                queues[GENERAL].append((index, image))
+                for name in self.always:
+                    queues[name].append((index, image))
         outputs: list[dict[str, float]] = [{} for _ in images]
         for name, queue in queues.items():
             if not queue:
@@ -149,6 +206,10 @@ class CAMO(DeepfakeDetector):
                 # Several regions of one type (a gate reporting every face) keep the most suspicious one.
                 outputs[index][name] = max(probability, outputs[index].get(name, 0.0))
         return [
-            Prediction(probability=self._combine(experts), route=route, experts=experts)
+            Prediction(
+                probability=experts[route] if route == self.tiny_expert else self._combine(experts),
+                route=route,
+                experts=experts,
+            )
             for route, experts in zip(routes, outputs)
         ]

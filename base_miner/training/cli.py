@@ -10,7 +10,7 @@ Example (NPR on CIFAKE and `diverse`, holding out one real source and one genera
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -20,7 +20,7 @@ from base_miner.training.augment import OPERATIONS
 from base_miner.training.data import DataError, parse_selector
 from base_miner.training.trainer import TrainConfig, Trainer
 
-__all__ = ["build_parser", "main", "parse_overrides"]
+__all__ = ["build_parser", "main", "parse_overrides", "run_command"]
 
 log = logging.getLogger("bitmind-train")
 
@@ -37,6 +37,21 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
     return overrides
+
+
+def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace, logger: logging.Logger,
+                interrupted: str = "interrupted") -> int:  # fmt: skip
+    """Shared ending of the fitting commands: exit 2 with one log line on bad input, 130 on Ctrl-C, else 0."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DataError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("%s", interrupted)
+        return 130
+    return 0
 
 
 def _positive(kind: type):

@@ -1,0 +1,278 @@
+"""`bitmind-fit-probe`: fit a probe detector's linear head on frozen features, choosing L2 strength by leaving
+whole sources out.
+
+    bitmind-fit-probe --detector probe --train ../shared/data/diverse --copies 1 --out runs/probe
+
+Why a closed fit and not SGD: the backbone is frozen, so one pass extracts every image's features (cached on disk,
+resumable: an interrupted extraction continues where it stopped) and the head is an L2-regularised logistic
+regression — a convex problem solved exactly in seconds. Every (label, source) group gets the same total weight
+within its class and the classes weigh the same, so 800 portraits from one generator cannot teach "portrait means
+fake". The regularisation strength is chosen by cross-validation over whole sources (GroupKFold), i.e. by how well
+the head does on sources it has not seen — the question the subnet asks.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import GroupKFold
+from tqdm.auto import tqdm
+
+from base_miner.detectors.probe import ProbeDetector
+from base_miner.registry import ConfigError, build_detector, build_gate, load_config
+from base_miner.training.augment import TrainAugment
+from base_miner.training.cli import parse_overrides, run_command
+from base_miner.training.data import (
+    DataError,
+    DatasetSpec,
+    decode_row_image,
+    face_crops,
+    load_spec,
+    parse_selector,
+    select,
+)
+from bitmind.atomic import atomic_write_bytes
+from bitmind.image_codec import ImageDecodeError
+
+__all__ = ["build_parser", "extract_features", "fit_head", "group_weights", "main"]
+
+log = logging.getLogger("bitmind-fit-probe")
+
+DEFAULT_CS = (0.0001, 0.0003, 0.001, 0.003)
+
+
+def group_weights(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Sample weights (mean 1): each class weighs the same, and within a class every group weighs the same."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    weights = np.zeros(len(labels), dtype=np.float64)
+    classes = np.unique(labels)
+    for label in classes:
+        in_class = labels == label
+        names = np.unique(groups[in_class])
+        for name in names:
+            member = in_class & (groups == name)
+            weights[member] = 1.0 / (len(classes) * len(names) * member.sum())
+    return weights * (len(labels) / weights.sum()) if len(labels) else weights
+
+
+def fit_head(
+    features: np.ndarray, labels: np.ndarray, weights: np.ndarray, c: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Standardise, then L2 logistic regression; returns (mean, scale, weight, bias) over standardised features."""
+    mean = features.mean(0)
+    scale = features.std(0)
+    scale[scale < 1e-6] = 1.0
+    model = LogisticRegression(C=c, max_iter=2000)
+    model.fit((features - mean) / scale, labels, sample_weight=weights)
+    return mean, scale, model.coef_.reshape(-1), float(model.intercept_[0])
+
+
+def _cv_loss(features, labels, weights, groups, c: float, folds: int) -> float:
+    """Weighted log-loss of out-of-fold predictions, folds made of whole groups."""
+    predictions = np.zeros(len(labels))
+    for train, test in GroupKFold(n_splits=folds).split(features, labels, groups):
+        mean, scale, weight, bias = fit_head(features[train], labels[train], weights[train], c)
+        logits = ((features[test] - mean) / scale) @ weight + bias
+        predictions[test] = 1.0 / (1.0 + np.exp(-logits))
+    return float(log_loss(labels, np.clip(predictions, 1e-6, 1 - 1e-6), sample_weight=weights))
+
+
+# The settings that determine the raw features; the cache holds them all (head included), a fit takes its columns.
+_FEATURE_KEYS = ("backbone", "image_size", "resize_mode", "mean", "std")
+
+
+def _cache_file(cache_dir: Path, detector: ProbeDetector, spec: DatasetSpec, rows: int, copies: int, seed: int,
+                augment: float) -> Path:  # fmt: skip
+    settings = {key: getattr(detector.settings, key) for key in _FEATURE_KEYS}
+    key = json.dumps([settings, str(spec), rows, copies, seed, augment], sort_keys=True, default=str)
+    return cache_dir / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def _load_cache(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        log.warning("feature cache %s is unreadable (%s); extracting again", path, exc)
+        return {}
+
+
+def extract_features(
+    detector: ProbeDetector,
+    ds,
+    spec: DatasetSpec,
+    copies: int,
+    augment: TrainAugment,
+    seed: int,
+    cache_dir: Path,
+    batch_size: int = 16,
+    save_every: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of every readable row (clean, then `copies` augmented versions): (N × (1 + copies) × D, row ids).
+
+    D covers every feature the backbone offers (head included), so one cache serves probes with and without the
+    head; `run` keeps the first `num_features` columns (stage statistics come first).
+
+    Copy k of row i is augmented from `(seed, i, k)`, so a resumed extraction computes what an uninterrupted one
+    would. Progress is saved to the cache every `save_every` rows.
+    """
+    path = _cache_file(cache_dir, detector, spec, len(ds), copies, seed, augment.strength)
+    cached = _load_cache(path)
+    features: list[np.ndarray] = list(cached.get("features", np.zeros((0, 1 + copies, 0))))
+    kept: list[int] = cached.get("kept", np.zeros(0, np.int64)).tolist()
+    start = int(cached.get("next_row", 0))
+    if start:
+        log.info("%s: resuming feature extraction at row %d of %d (%s)", spec.name, start, len(ds), path.name)
+
+    width = int(detector.features(torch.zeros(1, 3, 64, 64), include_head=True).shape[1])
+
+    def save(next_row: int) -> None:
+        stacked = np.stack(features) if features else np.zeros((0, 1 + copies, width))
+        buffer = io.BytesIO()
+        np.savez(buffer, features=stacked.astype(np.float32), kept=np.asarray(kept, np.int64), next_row=next_row)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    started, done, unsaved = time.perf_counter(), 0, 0
+    bar = tqdm(total=len(ds), initial=start, desc=f"features {spec.name}", unit="img", leave=False)
+    for begin in range(start, len(ds), batch_size):
+        rows = range(begin, min(begin + batch_size, len(ds)))
+        versions: list[list[torch.Tensor]] = [[] for _ in range(1 + copies)]
+        for row in rows:
+            try:
+                image = decode_row_image(ds[row]["image"])
+            except ImageDecodeError as exc:
+                log.warning("%s: row %d is unreadable (%s); skipped", spec.name, row, exc)
+                continue
+            kept.append(row)
+            versions[0].append(detector.transform(image))
+            for k in range(1, 1 + copies):
+                rng = np.random.default_rng([seed, row, k])
+                versions[k].append(detector.transform(augment(image, rng)))
+        if versions[0]:
+            per_version = [detector.features(torch.stack(v), include_head=True).numpy() for v in versions]
+            features.extend(np.stack(per_version, axis=1))
+        bar.update(len(rows))
+        done += len(rows)
+        unsaved += len(rows)
+        if unsaved >= save_every or rows.stop == len(ds):
+            save(rows.stop)
+            unsaved = 0
+    bar.close()
+    if done:
+        log.info("%s: %d rows in %.0f s (%.1f images/s incl. %d augmented copies each)", spec.name, done,
+                 time.perf_counter() - started, done * (1 + copies) / (time.perf_counter() - started), copies)  # fmt: skip
+    if not features:
+        save(len(ds))
+    return np.stack(features) if features else np.zeros((0, 1 + copies, width)), np.asarray(kept)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitmind-fit-probe", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--detector", default="probe", help="probe detector config: packaged name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (value parsed as YAML); repeatable")
+    parser.add_argument("--train", action="append", required=True, metavar="DATASET",
+                        help="training data (same specs as bitmind-train: parquet, imagefolder, hub id, :SPLIT, ?KEY=VALUE); repeatable")
+    parser.add_argument("--holdout", action="append", default=[], metavar="KEY=VALUE",
+                        help="leave rows whose source/generator/label equals VALUE out of the fit; repeatable")
+    parser.add_argument("--face-crops", action="store_true",
+                        help="fit on the face gate's aligned crops (CAMO's face expert); images without a face are dropped")
+    parser.add_argument("--gate-config", default="camo", help="CAMO config whose gate makes the face crops")
+    parser.add_argument("--copies", type=int, default=1, help="augmented copies of every image besides the clean one")
+    parser.add_argument("--augment", type=float, default=0.5, help="strength of the augmented copies (bitmind-train's --augment)")
+    parser.add_argument("--c", default=",".join(str(c) for c in DEFAULT_CS),
+                        help="comma-separated inverse L2 strengths; the one with the lowest source-out CV log-loss is used")
+    parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the augmented copies")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache); reused and resumed")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
+    parser.add_argument("--out", required=True, help="checkpoint folder: model.safetensors, config.yaml, fit.json")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Extract (or reuse) features, choose C, fit, save the checkpoint and fit.json (what was chosen and seen)."""
+    if args.copies < 0 or args.folds < 2 or not 0.0 <= args.augment <= 1.0:
+        raise ConfigError("--copies must be >= 0, --folds >= 2 and --augment in [0, 1]")
+    try:
+        cs = [float(c) for c in args.c.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--c must be comma-separated numbers, got {args.c!r}") from None
+    if not cs or min(cs) <= 0:
+        raise ConfigError(f"--c needs positive values, got {args.c!r}")
+    holdout = [parse_selector(text) for text in args.holdout]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    detector = build_detector(args.detector, device=args.device, **parse_overrides(args.overrides))
+    if not isinstance(detector, ProbeDetector):
+        raise ConfigError(f"{args.detector!r} is a {type(detector).__name__}; bitmind-fit-probe fits probe detectors")
+    out = Path(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    augment = TrainAugment(args.augment)
+    gate = build_gate(load_config(args.gate_config).get("gate") or "face") if args.face_crops else None
+    blocks, labels, groups = [], [], []
+    for text in args.train:
+        spec = DatasetSpec.parse(text)
+        ds = select(load_spec(spec), holdout, keep_matching=False)
+        if gate is not None:
+            ds, _ = face_crops(ds, gate, desc=f"face crops {spec.name}")
+            spec = DatasetSpec(spec.location + "#face-crops", spec.split, spec.selectors)
+        if not len(ds):
+            raise DataError(f"{spec.name}: no rows left after --holdout" + (" and the face gate" if gate else ""))
+        feats, kept = extract_features(detector, ds, spec, args.copies, augment, args.seed, cache_dir, args.batch_size)
+        blocks.append(feats[:, :, : detector.model.num_features])
+        labels.append(np.asarray(ds["label"])[kept])
+        groups.append(np.asarray([f"{spec.name}/{s}" for s in np.asarray(ds["source"])[kept]]))
+    feats = np.concatenate(blocks)  # (N, 1 + copies, D)
+    y, g = np.concatenate(labels), np.concatenate(groups)
+    if len(np.unique(y)) < 2:
+        raise DataError("the training rows hold one class only; a head needs real and AI-generated images")
+    copies = feats.shape[1]
+    x = feats.reshape(-1, feats.shape[2])  # row-major: the copies of one image stay together
+    y_all, g_all = np.repeat(y, copies), np.repeat(g, copies)
+    w_all = group_weights(y_all, g_all)
+    folds = min(args.folds, len(np.unique(g_all)))
+    scores = {}
+    if len(cs) > 1 and folds >= 2:
+        for c in cs:
+            scores[c] = _cv_loss(x, y_all, w_all, g_all, c, folds)
+            log.info("C=%g: source-out CV log-loss %.4f (%d folds)", c, scores[c], folds)
+    best = min(scores, key=scores.get) if scores else cs[0]
+    mean, scale, weight, bias = fit_head(x, y_all, w_all, best)
+    detector.set_head(*(torch.from_numpy(a.astype(np.float32)) for a in (mean, scale, weight)), bias)
+    detector.save(out)
+    result = dict(
+        detector=str(args.detector), c=best, cv_log_loss={str(c): s for c, s in scores.items()}, folds=folds,
+        images=int(len(y)), real=int((y == 0).sum()), fake=int((y == 1).sum()), copies=copies - 1,
+        groups=sorted(set(g.tolist())), holdout=[str(s) for s in holdout], train=list(args.train),
+    )  # fmt: skip
+    atomic_write_bytes(out / "fit.json", json.dumps(result, indent=2).encode())
+    log.info("fitted %s on %d images (%d real, %d fake, %d augmented copies each), C=%g; saved to %s",
+             detector.name, len(y), result["real"], result["fake"], copies - 1, best, out)  # fmt: skip
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(run, build_parser().parse_args(argv), log,
+                       "interrupted; extracted features are cached, run the same command again to continue")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Probe detector and bitmind-fit-probe: a fitted head separates generators' traces on sources it never saw, the
+checkpoint reloads to the same answers, feature extraction resumes after an interruption, bad input is refused."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from base_miner.registry import build_detector
+from base_miner.training import probe_fit
+from base_miner.training.augment import TrainAugment
+from base_miner.training.data import DatasetSpec, load_spec
+from tests.test_training import write_parquet
+
+SIZE = 64
+
+
+def _image(rng: np.random.Generator, fake: bool) -> bytes:
+    """Smooth photo-like gradients; 'generated' ones carry a faint 2-pixel periodic grid (an up-sampling trace)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    base = np.stack([rng.uniform(60, 200) + 40 * np.sin(3 * x + rng.uniform(0, 6)) + 30 * y for _ in range(3)], -1)
+    base += rng.normal(0, 3, base.shape)
+    if fake:
+        base += 14 * (((np.indices((SIZE, SIZE)).sum(0)) % 2)[..., None] - 0.5)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rows(seed: int, per_source: int) -> list[tuple[bytes, int, str, str]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for source, label in (("cam-a", 0), ("cam-b", 0), ("gen-a", 1), ("gen-b", 1)):
+        rows += [(_image(rng, bool(label)), label, source, source if label else "") for _ in range(per_source)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory) -> Path:
+    return write_parquet(tmp_path_factory.mktemp("probe") / "train.parquet", _rows(0, 8))
+
+
+def _fit(parquet: Path, out: Path, *extra: str) -> int:
+    return probe_fit.main(["--detector", "probe", "--set", f"image_size={SIZE}", "--set", "half=false",
+                           "--train", str(parquet), "--copies", "1", "--augment", "0.2", "--folds", "2",
+                           "--threads", "1", "--out", str(out), *extra])  # fmt: skip
+
+
+def test_fitted_probe_catches_the_trace_on_unseen_images_and_reloads(parquet, tmp_path):
+    out = tmp_path / "probe"
+    assert _fit(parquet, out, "--c", "0.01,1") == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["images"] == 32 and fit["copies"] == 1 and fit["c"] in (0.01, 1.0) and len(fit["cv_log_loss"]) == 2
+    assert len(fit["groups"]) == 4
+    detector = build_detector(out / "config.yaml", device="cpu")
+    fresh = _rows(7, 6)  # new images, never fitted on
+    images = [Image.open(io.BytesIO(b)) for b, *_ in fresh]
+    probabilities = np.asarray(detector.predict(images))
+    labels = np.asarray([label for _, label, *_ in fresh])
+    assert ((probabilities >= 0.5) == labels).mean() >= 0.9
+    again = build_detector(out / "config.yaml", device="cpu").predict(images)
+    assert np.allclose(again, probabilities, atol=1e-3)  # fp16-free checkpoint: same answers after reload
+
+
+def test_feature_extraction_resumes_where_it_stopped(parquet, tmp_path, monkeypatch):
+    detector = build_detector("probe", device="cpu", image_size=SIZE, half=False)
+    spec = DatasetSpec.parse(str(parquet))
+    ds = load_spec(spec)
+    augment = TrainAugment(0.3)
+    full, kept = probe_fit.extract_features(detector, ds, spec, 1, augment, 3, tmp_path / "a", 4, save_every=8)
+    calls = {"n": 0}
+    real_features = detector.features
+
+    def interrupted(batch, include_head=None):
+        calls["n"] += 1
+        if calls["n"] == 8:  # mid-way through the third save window (call 1 measures the feature width)
+            raise KeyboardInterrupt
+        return real_features(batch, include_head)
+
+    monkeypatch.setattr(detector, "features", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        probe_fit.extract_features(detector, ds, spec, 1, augment, 3, tmp_path / "b", 4, save_every=8)
+    saved = np.load(next((tmp_path / "b").glob("features-*.npz")))
+    assert 0 < int(saved["next_row"]) < len(ds)
+    monkeypatch.setattr(detector, "features", real_features)
+    resumed, kept_again = probe_fit.extract_features(detector, ds, spec, 1, augment, 3, tmp_path / "b", 4, save_every=8)
+    # The cache holds every feature the backbone offers (head included); a fit keeps the first num_features.
+    assert resumed.shape == full.shape and full.shape[:2] == (32, 2) and full.shape[2] > detector.model.num_features
+    assert np.array_equal(kept, kept_again) and np.allclose(resumed, full, atol=1e-5)
+
+
+def test_unreadable_rows_are_skipped_and_counted(tmp_path):
+    rows = _rows(1, 3)
+    rows[2] = (b"not an image", 0, "cam-a", "")
+    parquet = write_parquet(tmp_path / "broken.parquet", rows)
+    detector = build_detector("probe", device="cpu", image_size=SIZE, half=False)
+    spec = DatasetSpec.parse(str(parquet))
+    features, kept = probe_fit.extract_features(detector, load_spec(spec), spec, 0, TrainAugment(0.0), 0, tmp_path)
+    assert features.shape[:2] == (11, 1) and 2 not in kept.tolist()
+
+
+def test_group_weights_balance_classes_and_sources():
+    labels = np.array([0] * 6 + [0] * 2 + [1] * 4)
+    groups = np.array(["a"] * 6 + ["b"] * 2 + ["g"] * 4)
+    w = probe_fit.group_weights(labels, groups)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[labels == 0].sum() == pytest.approx(w[labels == 1].sum())
+    assert w[groups == "a"].sum() == pytest.approx(w[groups == "b"].sum())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--copies", "-1"], "--copies"), (["--c", "0,1"], "positive"), (["--c", "x"], "comma-separated"),
+     (["--holdout", "label=0"], "one class"), (["--holdout", "source=cam-a", "--holdout", "source=cam-b",
+                                               "--holdout", "source=gen-a", "--holdout", "source=gen-b"], "no rows")],
+)
+def test_bad_fits_are_refused_with_a_reason(parquet, tmp_path, caplog, extra, message):
+    assert _fit(parquet, tmp_path / "out", *extra) == 2
+    assert message in caplog.text
+
+
+def test_only_probe_detectors_are_fitted(parquet, tmp_path, caplog):
+    code = probe_fit.main(["--detector", "npr", "--train", str(parquet), "--out", str(tmp_path / "o")])
+    assert code == 2 and "fits probe detectors" in caplog.text
+
+
+def test_set_head_refuses_heads_that_do_not_fit():
+    detector = build_detector("probe", device="cpu", image_size=SIZE)
+    n = detector.model.num_features
+    good = (torch.zeros(n), torch.ones(n), torch.zeros(n))
+    with pytest.raises(ValueError, match="does not fit"):
+        detector.set_head(good[0], good[1], torch.zeros(n + 1), 0.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        detector.set_head(good[0], torch.zeros(n), good[2], 0.0)
+    detector.set_head(*good, 2.0)  # a constant head: every image answers sigmoid(2)
+    assert detector.predict([Image.new("RGB", (SIZE, SIZE))])[0] == pytest.approx(1 / (1 + np.exp(-2)), abs=1e-6)
