@@ -201,12 +201,17 @@ def test_camo_rejects_bad_config_at_construction(change, message):
 def test_packaged_camo_config_builds_the_real_experts_and_predicts(pictures):
     camo = build_detector("camo", device="cpu")
     assert {name: expert.name for name, expert in camo.experts.items()} == {
-        "face": "face_expert",
-        "general": "generalist",
+        "face": "face_probe",
+        "general": "probe",
+        "tiny": "tiny_cnn",
     }
-    astronaut, coffee = camo.predict_detailed([pictures["astronaut"], pictures["coffee"]])
+    thumbnail = pictures["coffee"].resize((32, 32))
+    astronaut, coffee, thumb = camo.predict_detailed([pictures["astronaut"], pictures["coffee"], thumbnail])
     assert astronaut.route == "face" and set(astronaut.experts) == {"face", "general"}
     assert coffee.route == "general" and set(coffee.experts) == {"general"}
-    for prediction in (astronaut, coffee):
+    assert thumb.route == "tiny" and set(thumb.experts) == {"tiny"}
+    for prediction in (astronaut, coffee, thumb):
         assert 0.0 <= prediction.probability <= 1.0
-        assert prediction.probability == max(prediction.experts.values())
+    # A face's answer is the mean of the probe and the face expert: neither one's alarm decides alone.
+    assert astronaut.probability == pytest.approx(sum(astronaut.experts.values()) / 2)
+    assert thumb.probability == thumb.experts["tiny"]

@@ -138,3 +138,20 @@ def test_set_head_refuses_heads_that_do_not_fit():
         detector.set_head(good[0], torch.zeros(n), good[2], 0.0)
     detector.set_head(*good, 2.0)  # a constant head: every image answers sigmoid(2)
     assert detector.predict([Image.new("RGB", (SIZE, SIZE))])[0] == pytest.approx(1 / (1 + np.exp(-2)), abs=1e-6)
+
+
+def test_tiny_cnn_averages_an_image_and_its_mirror_only_at_inference():
+    detector = build_detector("tiny_cnn", device="cpu", weights=None)
+    model = detector.model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        single = model.head(model.features(x)).squeeze(-1)
+        mirrored = model.head(model.features(x.flip(3))).squeeze(-1)
+        assert torch.allclose(model(x), (single + mirrored) / 2, atol=1e-6)
+        assert torch.allclose(model(x), model(x.flip(3)), atol=1e-6)  # mirror-symmetric answers
+        model.train()
+        model.head[2].p = 0.0  # no dropout noise, and batch-norm kept on its running statistics:
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+        assert model.training and torch.allclose(model(x), single, atol=1e-5)  # training sees one view

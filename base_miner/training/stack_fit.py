@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from base_miner.arena.metrics import binary_metrics
@@ -103,14 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the aggregator")
     parser.add_argument("--batch-size", type=int, default=16, help="images per CAMO call")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", required=True, help="aggregator JSON to write; report.json and report.md go beside it")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Collect expert outputs, fit with leave-one-source-out figures, write the aggregator and its report."""
-    if args.c <= 0 or args.batch_size < 1:
-        raise ConfigError("--c must be > 0 and --batch-size >= 1")
+    if args.c <= 0 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        raise ConfigError("--c must be > 0, --batch-size and --threads >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = list(args.data) + ([protocol_spec(args.protocol)] if args.protocol else [])
     if not data:
         raise ConfigError("give --data or --protocol")
