@@ -133,11 +133,13 @@ def conv_block(inputs: int, outputs: int) -> nn.Sequential:
 
 
 class TinyCNN(nn.Module):
-    """Three two-convolution stages, global average pooling, one logit (the thumbnail expert)."""
+    """Three two-convolution stages, global average pooling, one logit (the thumbnail expert); with
+    `flip_average`, the mean of the logits of the image and its mirror image, as served."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         width = int(config["width"])
+        self.flip_average = bool(config.get("flip_average", False))
         self.features = nn.Sequential(
             conv_block(3, width), nn.MaxPool2d(2), conv_block(width, 2 * width), nn.MaxPool2d(2),
             conv_block(2 * width, 4 * width),
@@ -146,7 +148,10 @@ class TinyCNN(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Identity(), nn.Linear(4 * width, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).squeeze(-1)
+        logits = self.head(self.features(x)).squeeze(-1)
+        if self.flip_average:
+            logits = (logits + self.head(self.features(x.flip(3))).squeeze(-1)) / 2
+        return logits
 
 
 ARCHITECTURES = {"timm_one_logit": OneLogit, "probe": FrozenProbe, "npr": NPRNet, "ucf": UCFInference, "tiny_cnn": TinyCNN}

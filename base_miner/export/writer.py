@@ -74,7 +74,7 @@ def _npr(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]
 
 
 def _tiny_cnn(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    return "tiny_cnn", {"width": d.settings.width}, d.model.state_dict()
+    return "tiny_cnn", {"width": d.settings.width, "flip_average": d.settings.flip_average}, d.model.state_dict()
 
 
 def _ucf(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
