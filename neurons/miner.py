@@ -24,7 +24,7 @@ from bitmind.caller_policy import CallerPolicy
 from bitmind.chain import Chain, ChainError, make_chain
 from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser, setup_logging
 from bitmind.image_codec import DecodeLimits
-from bitmind.monitoring import Monitor, add_monitoring_args
+from bitmind.monitoring.monitor import Monitor, add_monitoring_args
 from bitmind.protocol import ImageSynapse
 from bitmind.transport import DEFAULT_MAX_REQUEST_BYTES, Blacklist, Forward, MinerServer, ServeError, lookup_external_ip
 
@@ -53,15 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--miner.batch_size",
         type=int,
         default=0,
-        help="Most images per forward pass; 0 picks by device (8 on CPU: 77 served images/s on 2 cores, against 63 at "
-        "1 and 62 at 16; 16 on GPU).",
+        help="Most images per forward pass; 0 picks by device: 8 on CPU, 16 on GPU (measurements: README, "
+        "Benchmarks).",
     )
     parser.add_argument(
         "--miner.workers",
         type=int,
         default=0,
-        help="Batches predicted at once, each on its own thread; 0 picks: one per CPU core on CPU (measured 65 vs "
-        "39 served images/s with one on 2 cores), 1 on GPU.",
+        help="Batches predicted at once, each on its own thread; 0 picks: one per CPU core on CPU (independent "
+        "single-threaded batches do not wait for each other), 1 on GPU.",
     )
     parser.add_argument(
         "--miner.torch_threads",
@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--miner.max_image_pixels", type=int, default=4096 * 4096, help="Largest image accepted, in pixels."
+    )
+    parser.add_argument(
+        "--miner.index",
+        type=str,
+        default="",
+        help="Retrieval index folder (bitmind-index build): CAMO answers challenges it recognises as indexed public "
+        "real images from the index, the rest from its experts; empty: no look-up.",
     )
     parser.add_argument(
         "--blacklist.force_validator_permit",
@@ -157,9 +164,9 @@ def usable_cores() -> int:
 def worker_layout(workers: int, threads: int, device: str, cores: int) -> tuple[int, int]:
     """(workers, torch threads) for `--miner.workers` / `--miner.torch_threads`; 0 threads leaves torch's default.
 
-    On 2 CPU cores, two workers with one torch thread each served 65 images/s, one worker with one thread 39, one
-    worker with two threads 25: a parallel region stalls whenever request handling takes one of its cores, while
-    independent single-threaded batches do not wait for each other. A GPU wants one worker and big batches.
+    On CPU, one single-threaded worker per core: a parallel region stalls whenever request handling takes one of
+    its cores, while independent single-threaded batches do not wait for each other (measurements: README,
+    Benchmarks). A GPU wants one worker and big batches.
     """
     if workers < 0 or threads < 0:
         raise SystemExit(f"--miner.workers and --miner.torch_threads must be >= 0, got {workers} and {threads}")
@@ -167,6 +174,27 @@ def worker_layout(workers: int, threads: int, device: str, cores: int) -> tuple[
         return workers or 1, threads
     workers = workers or cores
     return workers, threads or max(1, (cores - 1) // workers)
+
+
+def retrieval_override(config: bt.Config) -> dict[str, dict[str, str]]:
+    """The CAMO config key that hands `--miner.index` to the detector, after checking the index's manifest, so a
+    missing, unfinished or mismatched index (or a detector that is not CAMO) stops start-up with the reason."""
+    folder = config.miner.index
+    if not folder:
+        return {}
+    from base_miner.registry import ConfigError, load_config
+    from base_miner.retrieval.descriptor import Descriptor
+    from base_miner.retrieval.index import read_manifest
+
+    detector = load_config(config.neuron.detector).get("detector")
+    if detector != "CAMO":
+        raise SystemExit(f"--miner.index needs a CAMO detector, but --neuron.detector {config.neuron.detector!r} is {detector!r}")
+    try:
+        manifest = read_manifest(folder, Descriptor.identity(), verify_files=False)
+    except ConfigError as exc:
+        raise SystemExit(f"--miner.index: {exc}") from None
+    log.info("retrieval index %s: %d images, %d entries", folder, manifest["images"], manifest["entries"])
+    return {"retrieval": {"index": os.path.abspath(os.path.expanduser(folder))}}
 
 
 class Miner:
@@ -202,7 +230,7 @@ class Miner:
                 f"run `btcli subnet register --netuid {config.netuid} --wallet.name {config.wallet.name} "
                 f"--wallet.hotkey {config.wallet.hotkey}` first"
             )
-        self.detector = build_detector(config.neuron.detector, device=config.neuron.device)
+        self.detector = build_detector(config.neuron.detector, device=config.neuron.device, **retrieval_override(config))
         workers, threads = worker_layout(
             int(config.miner.workers), int(config.miner.torch_threads), self.detector.device, usable_cores()
         )

