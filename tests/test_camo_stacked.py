@@ -123,3 +123,36 @@ def test_stack_fit_reports_sources_it_left_out():
                                   group_weights(np.asarray(labels[30:]), np.asarray(sources[30:])))
     assert held_out[0] == pytest.approx(first.probability(outputs[0]), rel=1e-6)
     assert final.meta == {"data": []} and json.dumps(final.to_dict())
+
+
+class _Index:
+    """A look-up that recognises images by their top-left pixel (red = indexed), like RetrievalExpert.lookup."""
+
+    def __init__(self, config, device="cpu"):
+        self.config = config
+
+    def lookup(self, images):
+        from base_miner.retrieval.expert import Match
+
+        return [Match(0.01, 0.99, 40, 7) if image.getpixel((0, 0))[0] > 200 else None for image in images]
+
+
+def test_images_the_retrieval_index_recognises_skip_the_experts(pictures, monkeypatch):
+    from base_miner.retrieval import expert
+
+    monkeypatch.setattr(expert.RetrievalExpert, "from_config", classmethod(lambda cls, config, device="cpu": _Index(config)))
+    config = camo_config(face=0.9, general=0.6, retrieval={"index": "/some/index"})
+    camo = build_detector(config, device="cpu")
+    known = Image.new("RGB", (256, 256), (255, 0, 0))
+    predictions = camo.predict_detailed([known, pictures["coffee"], known])
+    assert [p.route for p in predictions] == ["retrieval", "general", "retrieval"]
+    assert predictions[0].probability == 0.01 and predictions[0].experts == {"retrieval": 0.01}
+    assert predictions[1].probability == 0.6
+    assert camo.experts["general"].calls == [[pictures["coffee"].size]]  # matched images never reach an expert
+
+
+def test_without_an_index_camo_looks_nothing_up_and_a_bad_index_stops_start_up(pictures, tmp_path):
+    camo = build_detector(camo_config(general=0.6), device="cpu")
+    assert camo.retrieval is None and camo.predict([Image.new("RGB", (256, 256), (255, 0, 0))]) == [0.6]
+    with pytest.raises(ConfigError):
+        build_detector(camo_config(retrieval={"index": str(tmp_path / "missing")}), device="cpu")

@@ -2,6 +2,8 @@
 
 For a batch, images are routed, the routed images are grouped per expert, each expert's `predict` runs once on its
 group, and each image's expert outputs are combined into one probability. Routing:
+0. Retrieval (with `retrieval: {index: DIR}`, the miner's `--miner.index`): an image recognised as a distorted copy
+   of an indexed public real image is answered by the index's calibrated low probability, route `retrieval`.
 1. Resolution: an image whose longer side is at most `resolution_route.max_side` (a 32² thumbnail) goes to that
    route's expert alone — a net trained at that native size; up-scaling it for the others would erase the evidence.
 2. Content: the gate looks at every other image; a face goes to the face expert (aligned crop).
@@ -27,10 +29,11 @@ __all__ = ["CAMO", "COMBINE_RULES", "GENERAL"]
 log = logging.getLogger(__name__)
 
 GENERAL = "general"
+RETRIEVAL = "retrieval"  # the route of an image answered by the retrieval index
 COMBINE_RULES = ("max", "weighted_mean", "stacked")
 _KNOWN_KEYS = {
     "detector", "name", "description", "device", "config_dir", "gate", "experts", "combine", "weights",
-    "general_on_faces", "always", "resolution_route", "aggregator",
+    "general_on_faces", "always", "resolution_route", "aggregator", "retrieval",
 }  # fmt: skip
 
 
@@ -97,6 +100,11 @@ class CAMO(DeepfakeDetector):
         self.experts: dict[str, DeepfakeDetector] = {
             name: build_detector(_resolve_expert(spec, config_dir), device=self.device) for name, spec in specs.items()
         }
+        self.retrieval = None
+        if self.config.get("retrieval") is not None:
+            from base_miner.retrieval.expert import RetrievalExpert  # faiss and the index only when configured
+
+            self.retrieval = RetrievalExpert.from_config(self.config["retrieval"], device=self.device)
         log.info(
             "CAMO ready: gate %s, experts %s, always %s, thumbnails (≤ %s px) → %s, combine %s, general_on_faces %s",
             type(self.gate).__name__,
@@ -185,7 +193,11 @@ class CAMO(DeepfakeDetector):
         """Route every image, run each expert once on its group, combine per image (order kept)."""
         routes: list[str] = []
         queues: dict[str, list[tuple[int, Image.Image]]] = {name: [] for name in self.experts}
-        for index, image in enumerate(images):
+        matches = self.retrieval.lookup(images) if self.retrieval is not None else [None] * len(images)
+        for index, (image, match) in enumerate(zip(images, matches)):
+            if match is not None:
+                routes.append(RETRIEVAL)
+                continue
             if self.tiny_expert and max(image.size) <= self.tiny_side:
                 routes.append(self.tiny_expert)
                 queues[self.tiny_expert].append((index, image))
@@ -205,11 +217,11 @@ class CAMO(DeepfakeDetector):
             for (index, _), probability in zip(queue, probabilities):
                 # Several regions of one type (a gate reporting every face) keep the most suspicious one.
                 outputs[index][name] = max(probability, outputs[index].get(name, 0.0))
-        return [
-            Prediction(
-                probability=experts[route] if route == self.tiny_expert else self._combine(experts),
-                route=route,
-                experts=experts,
-            )
-            for route, experts in zip(routes, outputs)
-        ]
+        predictions = []
+        for route, experts, match in zip(routes, outputs, matches):
+            if match is not None:
+                predictions.append(Prediction(match.probability, route=RETRIEVAL, experts={RETRIEVAL: match.probability}))
+            else:
+                probability = experts[route] if route == self.tiny_expert else self._combine(experts)
+                predictions.append(Prediction(probability, route=route, experts=experts))
+        return predictions
