@@ -251,6 +251,23 @@ def test_retrieval_config_key_for_camo(index_dir):
             RetrievalExpert.from_config(bad)
 
 
+def test_camo_answers_indexed_images_from_the_index_and_the_rest_from_its_experts(index_dir, photos, challenge,
+                                                                                 unknown):
+    """The real index behind CAMO's `retrieval` key: matched images take the calibrated answer and skip the experts."""
+    from base_miner.registry import build_detector
+    from tests._fixtures_camo import camo_config
+
+    known = _challenges(photos[:2], challenge, 0, seed=11)
+    camo = build_detector(camo_config(face=0.9, general=0.7, retrieval={"index": str(index_dir)}), device="cpu")
+    calibrated = camo.retrieval.calibration.probability
+    predictions = camo.predict_detailed([known[0], unknown[0], known[1]])
+    assert [p.route for p in predictions] == ["retrieval", "general", "retrieval"]
+    assert [p.probability for p in predictions] == [calibrated, 0.7, calibrated]
+    assert camo.experts["general"].calls == [[unknown[0].size]]
+    with pytest.raises(RetrievalIndexError, match="does not exist"):
+        build_detector(camo_config(retrieval={"index": str(index_dir) + "-missing"}), device="cpu")
+
+
 # --- manifest validation: every broken index is refused at start-up, with the reason -----------------------------
 
 

@@ -18,7 +18,6 @@ right image first for nearly every copy; the geometric verification then decides
 
 import hashlib
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from bitmind.atomic import atomic_write_bytes
 
 __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "MANIFEST", "RetrievalIndex", "RetrievalIndexError", "read_manifest"]
 
-log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "bitmind-retrieval-index"
 INDEX_VERSION = 1
