@@ -156,3 +156,12 @@ def test_without_an_index_camo_looks_nothing_up_and_a_bad_index_stops_start_up(p
     assert camo.retrieval is None and camo.predict([Image.new("RGB", (256, 256), (255, 0, 0))]) == [0.6]
     with pytest.raises(ConfigError):
         build_detector(camo_config(retrieval={"index": str(tmp_path / "missing")}), device="cpu")
+
+
+def test_weighted_mean_weighs_only_the_experts_it_combines():
+    config = camo_config(combine="weighted_mean", weights={"face": 1, "general": 1},
+                         resolution_route={"max_side": 64, "expert": "tiny"})  # fmt: skip
+    config["experts"]["tiny"] = TINY
+    assert build_detector(config, device="cpu").weights == {"face": 1.0, "general": 1.0}
+    with pytest.raises(ConfigError, match="needs weights"):  # the thumbnail expert answers alone: no weight for it
+        build_detector({**config, "weights": {"face": 1, "general": 1, "tiny": 1}}, device="cpu")

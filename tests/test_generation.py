@@ -23,7 +23,7 @@ from PIL import Image
 from bitmind.hub_id import is_hub_id
 from bitmind.monitoring.monitor import Monitor
 from neurons import generator
-from tests._tiny_models import tiny_models  # noqa: F401 - session fixture
+from tests._tiny_models import one_torch_thread, tiny_models  # noqa: F401 - fixtures
 from validator.challenges.cache import ImageCache
 from validator.generation.captioner import CAPTION_PREFIXES, Captioner, clean_answer
 from validator.generation.diffusion import (
@@ -59,13 +59,6 @@ def _yaml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest single-threaded; several threads fight over a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

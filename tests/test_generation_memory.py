@@ -19,7 +19,7 @@ from PIL import Image
 
 from bitmind.monitoring.monitor import Monitor
 from neurons import generator
-from tests._tiny_models import tiny_models  # noqa: F401 - session fixture
+from tests._tiny_models import one_torch_thread, tiny_models  # noqa: F401 - fixtures
 from validator.challenges.cache import ImageCache
 from validator.generation.captioner import Captioner
 from validator.generation.diffusion import DiffusionModelPool, parse_model_list
@@ -38,12 +38,6 @@ CUDA = torch.device("cuda:0")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _measure(free_by_type: dict[str, float], asked: list[str]):

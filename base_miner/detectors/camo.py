@@ -65,7 +65,7 @@ class CAMO(DeepfakeDetector):
       resolution_route  `{max_side: N, expert: NAME}`: images with longer side ≤ N go to NAME alone
       combine           `stacked`, `weighted_mean` or `max` (default `max`)
       aggregator        with `stacked`: the aggregator JSON written by bitmind-fit-stack (relative to this file)
-      weights           `{expert: weight > 0}` for every expert; required by `weighted_mean`
+      weights           `{expert: weight > 0}` for every expert but the resolution route's; required by `weighted_mean`
       general_on_faces  also run the `always` experts on the full image when the gate found a region (default true)
     """
 
@@ -94,7 +94,8 @@ class CAMO(DeepfakeDetector):
                     f"CAMO: expert {name!r} is never used; it must be a content type the gate emits "
                     f"{sorted(getattr(self.gate, 'content_types', ()))}, listed in always, or the resolution route's"
                 )
-        self.weights = self._check_weights(self.config.get("weights"), specs)
+        combined = [name for name in specs if name != self.tiny_expert]  # the thumbnail expert answers alone
+        self.weights = self._check_weights(self.config.get("weights"), combined)
         config_dir = self.config.get("config_dir")
         self.aggregator = self._load_aggregator(config_dir)
         self.experts: dict[str, DeepfakeDetector] = {
@@ -147,7 +148,7 @@ class CAMO(DeepfakeDetector):
             )
         return aggregator
 
-    def _check_weights(self, weights: Any, experts: dict[str, Any]) -> dict[str, float]:
+    def _check_weights(self, weights: Any, experts: list[str]) -> dict[str, float]:
         if self.combine != "weighted_mean":
             return {}
         if not isinstance(weights, dict) or set(weights) != set(experts):
