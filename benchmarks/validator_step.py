@@ -11,7 +11,13 @@ images are the packaged sample (pre-cached; small 32² photos), the fakes a pre-
 (SDXL's size, so fake steps pay a realistic decode and augmentation); every miner's history is
 pre-filled to the full 100-answer window, so scoring and persistence cost what they cost in steady state.
 
+With `--video-share S` a share S of the steps sends a clip (the miners also serve `VideoSynapse` and answer at once):
+real clips are the shared clip folder's real ones (`--video-data`), generated ones its generated clips, both
+pre-cached as the validator's caches hold them; the table is then printed per modality (a video step's sampling
+reads and splices clips, its augmentation runs on every frame, its encoding is the AV1 clip codec).
+
     /work/venvtest/bin/python benchmarks/validator_step.py [--counts 16,64,256] [--steps 5] [--processes 4]
+        [--video-share 0.5]
 """
 
 import argparse
@@ -39,6 +45,7 @@ from bitmind.ports import free_port  # noqa: E402
 from neurons.validator import Validator, build_parser  # noqa: E402
 from validator.challenges import ImageCache, RealImageSource  # noqa: E402
 from validator.challenges import parse_dataset_list  # noqa: E402
+from validator.video.sources import VideoClipSource  # noqa: E402
 
 PHASES = ("sampling", "augmentation", "encoding", "querying", "scoring", "persistence")
 VALIDATOR_STAKE = 100.0
@@ -48,10 +55,10 @@ LOOPBACK = "127.0.0.1"
 # --- miner worker process -------------------------------------------------------------------------------------
 def serve_miners(chain_path: Path, wallet_root: Path, first: int, count: int) -> None:
     """Serve `count` trivial miners, register and publish them on the chain, print READY, serve until stdin closes."""
-    from bitmind.protocol import ImageSynapse
+    from bitmind.protocol import ImageSynapse, VideoSynapse
     from bitmind.transport import MinerServer
 
-    async def forward(synapse: ImageSynapse) -> ImageSynapse:
+    async def forward(synapse: ImageSynapse | VideoSynapse) -> ImageSynapse | VideoSynapse:
         synapse.prediction = random.random()
         return synapse
 
@@ -61,7 +68,7 @@ def serve_miners(chain_path: Path, wallet_root: Path, first: int, count: int) ->
         wallet = make_wallet(wallet_root, f"miner-{index}")
         for _attempt in range(3):  # another worker may grab the same free port in between
             try:
-                server = MinerServer(wallet, free_port(), forward, external_ip=LOOPBACK).start()
+                server = MinerServer(wallet, free_port(), forward, external_ip=LOOPBACK, video_forward=forward).start()
                 break
             except RuntimeError:
                 continue
@@ -125,14 +132,31 @@ def prepare_caches(root: Path) -> None:
         synthetic.put(Image.merge("RGB", bands), {"model": "benchmark-mandelbrot", "seed": index})
 
 
+def prepare_video_caches(root: Path, data: Path, clips: int = 16) -> list[str]:
+    """Cache `clips` real and generated clips of `data` where the validator reads them; its video flags."""
+    real_spec = f"{data}?labels=0"
+    real = VideoClipSource([real_spec], root / "real_video_cache", fill_batch=clips, seed=0)
+    generated = VideoClipSource([f"{data}?labels=1"], root / "generated_video", label=1, fill_batch=clips, seed=0)
+    if not (real.fill_round() and generated.fill_round()):
+        raise SystemExit(f"no clip of {data} could be read: {real.status()} {generated.status()}")
+    return [
+        "--validator.real_video_datasets", real_spec, "--validator.real_video_cache", str(root / "real_video_cache"),
+        "--validator.synthetic_video_cache", str(next(iter(generated.caches.values())).root),
+    ]
+
+
 def prefill_histories(validator: Validator, uids: list[int], length: int, rng: np.random.Generator) -> None:
-    """Give `uids` full answer windows through the scorer's public API (steady-state scoring and state size)."""
-    for _ in range(length):
-        validator.scorer.score_challenge(int(rng.integers(2)), uids, rng.random(len(uids)).tolist())
+    """Give `uids` full answer windows through the scorer's public API (steady-state scoring and state size), in
+    every modality the scorer weighs."""
+    for modality in validator.scorer.modality_weights:
+        for _ in range(length):
+            validator.scorer.score_challenge(int(rng.integers(2)), uids, rng.random(len(uids)).tolist(),
+                                             modality=modality)
 
 
-def measure(validator: Validator, steps: int) -> dict[str, float]:
-    """Median phase times of `steps` steps, plus step wall time and the validator's CPU time while querying."""
+def measure(validator: Validator, steps: int) -> dict[str, dict[str, float]]:
+    """Per modality, median phase times of `steps` steps (of each modality the validator sends; at most 4x as many
+    steps in all), plus step wall time and the validator's CPU time while querying."""
     query = validator.runner.query
     cpu: list[float] = []
 
@@ -144,35 +168,45 @@ def measure(validator: Validator, steps: int) -> dict[str, float]:
             cpu.append(time.process_time() - started)
 
     validator.runner.query = timed_query
-    rows = []
-    answered = []
+    modalities = ["image", *(["video"] if validator.video is not None else [])]
+    rows: dict[str, list[dict[str, float]]] = {modality: [] for modality in modalities}
     try:
-        for _ in range(steps):
+        for _ in range(steps * 4 if len(modalities) > 1 else steps):
             started = time.perf_counter()
             result = validator.step()
             wall = time.perf_counter() - started
             if result is None or result.challenge is None:
                 raise RuntimeError("the step drew no challenge")
-            rows.append({**result.timings.as_dict(), "wall": wall, "overhead": wall - result.timings.querying})
-            answered.append(result.answered / len(result.uids))
+            rows[result.modality].append({**result.timings.as_dict(), "wall": wall,
+                                          "overhead": wall - result.timings.querying, "query_cpu": cpu[-1],
+                                          "answered": result.answered / len(result.uids)})
+            if all(len(kept) >= steps for kept in rows.values()):
+                break
     finally:
         validator.runner.query = query
-    summary = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
-    summary["overhead_max"] = max(row["overhead"] for row in rows)
-    summary["query_cpu"] = statistics.median(cpu)
-    summary["answered"] = min(answered)
-    return summary
+    summaries = {}
+    for modality, kept in rows.items():
+        if not kept:
+            continue
+        summary = {key: statistics.median(row[key] for row in kept) for key in kept[0]}
+        summary["overhead_max"] = max(row["overhead"] for row in kept)
+        summary["answered"] = min(row["answered"] for row in kept)
+        summary["steps"] = len(kept)
+        summaries[modality] = summary
+    return summaries
 
 
-def print_table(results: dict[int, dict[str, float]]) -> None:
+def print_table(results: dict[int, dict[str, dict[str, float]]]) -> None:
     columns = [*PHASES, "overhead", "overhead_max", "query_cpu", "wall"]
     print()
     print("median ms per step (overhead = step wall time outside the query window, overhead_max its worst step; "
           "query_cpu = validator CPU inside the query window)")
-    print(f"{'miners':>6} " + " ".join(f"{name:>12}" for name in columns) + f" {'answered':>8}")
-    for count, row in results.items():
-        cells = " ".join(f"{row[name] * 1000:12.1f}" for name in columns)
-        print(f"{count:>6} {cells} {row['answered']:8.0%}")
+    print(f"{'miners':>6} {'modality':>8} {'steps':>5} " + " ".join(f"{name:>12}" for name in columns)
+          + f" {'answered':>8}")
+    for count, by_modality in results.items():
+        for modality, row in by_modality.items():
+            cells = " ".join(f"{row[name] * 1000:12.1f}" for name in columns)
+            print(f"{count:>6} {modality:>8} {row['steps']:>5} {cells} {row['answered']:8.0%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=4, help="Helper processes that each stage's new miners share.")
     parser.add_argument("--history", type=int, default=100, help="Answers pre-filled into every miner's history.")
     parser.add_argument("--timeout", type=float, default=9.0, help="The validator's --neuron.timeout.")
+    parser.add_argument("--video-share", type=float, default=0.0,
+                        help="Share of steps that send a clip (--validator.video_share); 0: images only.")
+    parser.add_argument("--video-data", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "video",
+                        help="Folder of clips with a metadata.csv (path, label) for --video-share.")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.video_share <= 1.0:
+        parser.error(f"--video-share must be in [0, 1], got {args.video_share}")
+    if args.video_share and not (args.video_data / "metadata.csv").is_file():
+        parser.error(f"--video-share needs clips: {args.video_data}/metadata.csv not found (--video-data)")
     counts = sorted(int(part) for part in args.counts.split(","))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -193,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         wallet = make_wallet(wallet_root, "validator")
         chain.register_hotkey(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address, stake=VALIDATOR_STAKE)
         prepare_caches(root)
+        video_flags = ["--validator.video_share", str(args.video_share)]
+        if args.video_share:
+            video_flags += prepare_video_caches(root, args.video_data)
         miners = Miners(chain_path, wallet_root, args.processes)
-        results: dict[int, dict[str, float]] = {}
+        results: dict[int, dict[str, dict[str, float]]] = {}
         validator = None
         rng = np.random.default_rng(0)
         try:
@@ -210,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--neuron.timeout", str(args.timeout), "--validator.external_ip", LOOPBACK,
                     "--validator.real_datasets", "packaged", "--validator.real_cache", str(root / "real_cache"),
                     "--validator.synthetic_cache", str(root / "synthetic_cache"), "--validator.seed", "1",
+                    *video_flags,
                 ]
                 if validator is not None:
                     validator.close()  # its state is saved; the next one loads it
@@ -218,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                                   args.history, rng)
                 validator.step()  # warm-up: opens the HTTP connections
                 results[count] = measure(validator, args.steps)
-                row = results[count]
-                print(f"{count} miners: overhead {row['overhead'] * 1000:.0f} ms, query {row['querying'] * 1000:.0f} ms"
-                      f" (validator CPU {row['query_cpu'] * 1000:.0f} ms), answered {row['answered']:.0%}", flush=True)
+                for modality, row in results[count].items():
+                    print(f"{count} miners, {modality}: overhead {row['overhead'] * 1000:.0f} ms, query "
+                          f"{row['querying'] * 1000:.0f} ms (validator CPU {row['query_cpu'] * 1000:.0f} ms), "
+                          f"answered {row['answered']:.0%}", flush=True)
         finally:
             if validator is not None:
                 validator.close()

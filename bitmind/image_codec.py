@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 __all__ = [
     "DecodeLimits",
     "ImageDecodeError",
+    "decode_base64",
     "decode_bytes",
     "decode_cell",
     "decode_image",
@@ -43,7 +44,8 @@ class DecodeLimits:
     min_side: int = 8
 
 
-def _b64decode(payload: str | bytes, max_bytes: int) -> bytes:
+def decode_base64(payload: str | bytes, max_bytes: int) -> bytes:
+    """Strict base64 to bytes, refusing payloads over `max_bytes` before decoding them (images and masks)."""
     if payload is None or len(payload) == 0:
         raise ImageDecodeError("empty payload")
     if isinstance(payload, str):
@@ -86,7 +88,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(payload: str | bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """Decode a base64 image payload into a fully loaded RGB PIL image, enforcing `limits`."""
-    return decode_bytes(_b64decode(payload, limits.max_bytes), limits)
+    return decode_bytes(decode_base64(payload, limits.max_bytes), limits)
 
 
 def decode_cell(value: Any, limits: DecodeLimits = DecodeLimits(), max_side: int | None = None) -> Image.Image:

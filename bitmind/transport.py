@@ -1,6 +1,7 @@
 """The one module that touches bittensor's Axon and Dendrite, so a move to bittensor 11's btauth/1 changes only it.
 
-Miner side, `MinerServer` serves `ImageSynapse` on a `bt.Axon`, on a listening socket of ours (see `bind_listener`:
+Miner side, `MinerServer` serves `ImageSynapse` (and `VideoSynapse` when given a video forward) on a `bt.Axon`,
+on a listening socket of ours (see `bind_listener`:
 uvicorn's own bind of `::` would serve IPv6 only, and validators call miners at the IPv4 published on chain).
 Every request passes, in order:
 1. our guard, before anything reads the body: a missing Content-Length answers 411, one above the limit 413, and a
@@ -42,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bitmind.protocol import ImageSynapse
+from bitmind.protocol import ImageSynapse, VideoSynapse
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -53,6 +54,7 @@ __all__ = [
     "Response",
     "ServeError",
     "ValidatorClient",
+    "VideoForward",
     "bind_listener",
     "lookup_external_ip",
 ]
@@ -65,6 +67,9 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _HOTKEY_HEADER = "bt_header_dendrite_hotkey"
 
 Forward = Callable[[ImageSynapse], Awaitable[ImageSynapse]]
+VideoForward = Callable[[VideoSynapse], Awaitable[VideoSynapse]]
+# The request field each challenge synapse carries its payload in; the miner blanks it in the answer.
+PAYLOAD_FIELDS: dict[type[bt.Synapse], str] = {ImageSynapse: "image", VideoSynapse: "video"}
 Blacklist = Callable[[str | None], tuple[bool, str]]
 
 
@@ -182,6 +187,7 @@ class MinerServer:
     `forward` is `async (ImageSynapse) -> ImageSynapse`; run CPU/GPU work off the event loop inside it. It sees the
     verified caller hotkey in `synapse.dendrite.hotkey`.
     `blacklist(hotkey) -> (refuse, reason)` decides by the caller hotkey alone (None when the caller sent none).
+    `video_forward`, when given, serves `VideoSynapse` on the same axon, behind the same guard and blacklist.
     `ip` is bound as `bind_listener` says (`::` serves IPv4 and IPv6). `external_ip` and `external_port` (default:
     `port`) are what `info()` advertises, i.e. what goes on chain; behind a NAT they differ from what is bound.
     One instance serves once: `start()`, then `stop()`.
@@ -195,6 +201,7 @@ class MinerServer:
         blacklist: Blacklist | None = None,
         *,
         external_ip: str,
+        video_forward: VideoForward | None = None,
         ip: str = "127.0.0.1",
         external_port: int | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
@@ -208,7 +215,9 @@ class MinerServer:
         self.ip = ip
         self.port = port
         self.max_request_bytes = max_request_bytes
-        self._forward = forward
+        self._forwards: dict[type[bt.Synapse], Callable] = {ImageSynapse: forward}
+        if video_forward is not None:
+            self._forwards[VideoSynapse] = video_forward
         self._blacklist = blacklist
         self._start_timeout = start_timeout
         self._thread: threading.Thread | None = None
@@ -222,12 +231,15 @@ class MinerServer:
 
         # attach() demands this signature: first parameter `synapse: ImageSynapse`. FastAPI fills in `request`.
         async def forward_fn(synapse: ImageSynapse, request: Request) -> ImageSynapse:
-            # The body's copy of the caller is not covered by the signature; the header's hotkey was verified.
-            synapse.dendrite = synapse.dendrite or TerminalInfo()
-            synapse.dendrite.hotkey = request.headers.get(_HOTKEY_HEADER)
-            return await self._answer(synapse)
+            return await self._answer(synapse, request)
 
         self.axon.attach(forward_fn=forward_fn)
+        if video_forward is not None:
+
+            async def video_forward_fn(synapse: VideoSynapse, request: Request) -> VideoSynapse:
+                return await self._answer(synapse, request)
+
+            self.axon.attach(forward_fn=video_forward_fn)
 
     @property
     def hotkey(self) -> str:
@@ -257,7 +269,8 @@ class MinerServer:
                 )
             time.sleep(0.01)
         logger.info(
-            "serving ImageSynapse on %s hotkey=%s max_request=%d B http=%s loop=%s",
+            "serving %s on %s hotkey=%s max_request=%d B http=%s loop=%s",
+            " and ".join(kind.__name__ for kind in self._forwards),
             listener.address,
             self.hotkey,
             self.max_request_bytes,
@@ -309,19 +322,23 @@ class MinerServer:
             return _reject(403, f"Forbidden: {reason}")
         return None
 
-    async def _answer(self, synapse: ImageSynapse) -> ImageSynapse:
-        """Run `forward`; a failure becomes a 500 answer and one log line instead of a stack trace."""
+    async def _answer(self, synapse: bt.Synapse, request: Request) -> bt.Synapse:
+        """Run the synapse's forward; a failure becomes a 500 answer and one log line instead of a stack trace."""
+        # The body's copy of the caller is not covered by the signature; the header's hotkey was verified.
+        synapse.dendrite = synapse.dendrite or TerminalInfo()
+        synapse.dendrite.hotkey = request.headers.get(_HOTKEY_HEADER)
+        kind = type(synapse)
         try:
-            answer = await self._forward(synapse)
-            if not isinstance(answer, ImageSynapse):
-                raise TypeError(f"forward returned {type(answer).__name__}, not ImageSynapse")
+            answer = await self._forwards[kind](synapse)
+            if not isinstance(answer, kind):
+                raise TypeError(f"forward returned {type(answer).__name__}, not {kind.__name__}")
         except Exception as exc:
             logger.error("forward failed for %s: %s: %s", synapse.dendrite.hotkey, type(exc).__name__, exc)
             answer = synapse
             answer.axon = answer.axon or TerminalInfo()
             answer.axon.status_code = 500
             answer.axon.status_message = f"Internal Server Error ({type(exc).__name__})"
-        answer.image = ""  # the caller has the image; echoing it back only costs bandwidth
+        setattr(answer, PAYLOAD_FIELDS[kind], "")  # the caller has the payload; echoing it back only costs bandwidth
         return answer
 
 
@@ -333,19 +350,21 @@ class Response:
     408 timeout, 411/413 refused size, 422 unparseable answer, 500 miner error, 503 unreachable).
     `prediction` is the miner's value as it came (validate it before use), None unless status is 200.
     `latency` is seconds from send to answer, or the timeout when no answer came.
+    `mask` is the miner's optional mask payload as it came (decode it with `bitmind.mask_codec`), "" when none.
     """
 
     status: int
     prediction: object
     latency: float
     message: str
+    mask: str = ""
 
     @property
     def ok(self) -> bool:
         return self.status == 200
 
 
-def _to_response(result: ImageSynapse | BaseException, timeout: float) -> Response:
+def _to_response(result: bt.Synapse | BaseException, timeout: float) -> Response:
     if isinstance(result, BaseException):
         # Dendrite.call lets some failures escape, e.g. a 200 answer whose JSON nulls the `dendrite` field.
         return Response(422, None, timeout, f"unusable answer: {type(result).__name__}: {result}")
@@ -358,7 +377,8 @@ def _to_response(result: ImageSynapse | BaseException, timeout: float) -> Respon
         return Response(422, None, latency, "answer carried no status code")
     status = int(dendrite.status_code)  # the Dendrite stores its own failures as strings ("503")
     prediction = result.prediction if status == 200 else None
-    return Response(status, prediction, latency, str(dendrite.status_message or ""))
+    mask = getattr(result, "mask", "") if status == 200 else ""
+    return Response(status, prediction, latency, str(dendrite.status_message or ""), mask)
 
 
 class _Dendrite(bt.Dendrite):
@@ -402,8 +422,16 @@ class ValidatorClient:
     def hotkey(self) -> str:
         return self._dendrite.keypair.ss58_address
 
-    async def query(self, axons: list[bt.AxonInfo], images: list[str] | str, timeout: float) -> list[Response]:
-        """Send `images[i]` (or one image to all) to `axons[i]` in parallel; one Response per axon, in order."""
+    async def query(
+        self,
+        axons: list[bt.AxonInfo],
+        images: list[str] | str,
+        timeout: float,
+        synapse_type: type[bt.Synapse] = ImageSynapse,
+    ) -> list[Response]:
+        """Send `images[i]` (or one payload to all) to `axons[i]` in parallel; one Response per axon, in order.
+        `synapse_type` VideoSynapse sends clip payloads (`bitmind.video_codec.encode_clip`) instead of images."""
+        field = PAYLOAD_FIELDS[synapse_type]
         if isinstance(images, str):
             images = [images] * len(axons)
         if len(images) != len(axons):
@@ -412,7 +440,7 @@ class ValidatorClient:
             raise ValueError(f"timeout must be positive, got {timeout}")
         # A fresh synapse per call: the Dendrite signs it with a new, increasing nonce.
         calls = (
-            self._dendrite.call(_dialable(axon), ImageSynapse(image=image), timeout=timeout, deserialize=False)
+            self._dendrite.call(_dialable(axon), synapse_type(**{field: image}), timeout=timeout, deserialize=False)
             for axon, image in zip(axons, images)
         )
         # A fresh HTTP session per burst of queries: miners drop idle keep-alive connections, and a reused stale one
@@ -431,11 +459,17 @@ class ValidatorClient:
                 self._dendrite.synapse_history.clear()  # the Dendrite keeps every call otherwise: unbounded memory
         return [_to_response(result, timeout) for result in results]
 
-    def query_sync(self, axons: list[bt.AxonInfo], images: list[str] | str, timeout: float) -> list[Response]:
+    def query_sync(
+        self,
+        axons: list[bt.AxonInfo],
+        images: list[str] | str,
+        timeout: float,
+        synapse_type: type[bt.Synapse] = ImageSynapse,
+    ) -> list[Response]:
         """`query` for synchronous callers, run on this client's private event loop."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(self.query(axons, images, timeout))
+        return self._loop.run_until_complete(self.query(axons, images, timeout, synapse_type))
 
     async def aclose(self) -> None:
         await self._dendrite.aclose_session()

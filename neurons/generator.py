@@ -2,6 +2,10 @@
 
 Loop: take a real image (the validator's datasets by default) → caption it with BLIP-2 → rewrite the caption with
 an LLM → moderate → generate with a diffusion model → write image + JSON sidecar to the cache the validator reads.
+With `--generator.inpaint_share`, that share of the rounds are inpainting rounds instead: each real image gets a
+random region regenerated from its caption and goes, with its mask, to the semi-synthetic cache. With
+`--generator.video_share`, that share of the rounds make clips with a text-to-video model (same pool and memory
+budget) into the clip cache the validator's video challenges read.
 Each round picks one model (so a model swap is paid once per round, not per image), makes `--generator.batch`
 prompts and then the images with that model, then waits `--generator.interval` seconds. A failed prompt or image is
 logged and skipped; SIGINT/SIGTERM stop after the current one.
@@ -44,6 +48,8 @@ from validator.challenges.dataset_spec import parse_dataset_list
 from validator.challenges.real import RealImageSource
 from validator.generation.captioner import DEFAULT_CAPTIONER, Captioner
 from validator.generation.diffusion import (
+    INPAINTING,
+    TEXT_TO_VIDEO,
     DiffusionModelPool,
     ModelConfigError,
     NoModelAvailable,
@@ -59,6 +65,7 @@ from validator.generation.pipeline import (
     SyntheticImagePipeline,
 )
 from validator.generation.prompt_rewriter import DEFAULT_REWRITER, PromptRewriter
+from validator.video.cache import ClipCache
 
 __all__ = ["Progress", "add_generator_args", "build_parser", "main", "run"]
 
@@ -81,6 +88,29 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
     add("--generator.models", type=str, default="default",
         help="Diffusion models: 'default', a comma list of built-in names / hub ids / local pipeline folders, "
              "or a YAML file with per-model arguments (see validator/generation/diffusion.py).")
+    add("--generator.semi_cache_dir", type=str, default=str(DEFAULT_HOME / "validator" / "semi_synthetic_cache"),
+        help="Folder of the semi-synthetic cache (inpainted real images with their masks) the validator reads; "
+             "capped like the synthetic cache (cache_max_gb, cache_max_items).")
+    add("--generator.inpaint_share", type=float, default=0.0,
+        help="Share of rounds that inpaint a random region (5 to 50 percent of the area) of a real image instead of "
+             "generating a whole one; needs prompt_mode caption. 0: no semi-synthetic images.")
+    add("--generator.inpaint_models", type=str, default="default",
+        help="Inpainting models used when inpaint_share > 0: 'default' (SDXL inpainting 0.1 and DreamShaper 8 "
+             "inpainting), a comma list of built-in names / hub ids / local pipeline folders, or a YAML file. They "
+             "share the memory budget and least-recently-used eviction with the text-to-image models.")
+    add("--generator.video_share", type=float, default=0.0,
+        help="Share of rounds that make clips with a text-to-video model for the validator's video challenges. "
+             "0: no clips.")
+    add("--generator.video_models", type=str, default="default",
+        help="Text-to-video models used when video_share > 0: 'default' (Mochi 1, CogVideoX-5b, "
+             "AnimateDiff-Lightning), a comma list of built-in names / hub ids / local pipeline folders, or a YAML "
+             "file. They share the memory budget and least-recently-used eviction with the image models.")
+    add("--generator.video_cache_dir", type=str, default=str(DEFAULT_HOME / "validator" / "synthetic_video_cache"),
+        help="Folder of the generated-clip cache the validator reads (--validator.synthetic_video_cache).")
+    add("--generator.video_cache_max_gb", type=float, default=10.0,
+        help="Size cap of the clip cache; oldest clips go first.")
+    add("--generator.video_frames", type=int, default=0,
+        help="Frames per clip for every text-to-video model, e.g. 4 for tiny test models (0: each model's own).")
     add("--generator.captioner", type=str, default=DEFAULT_CAPTIONER, help="BLIP-2 hub id or local folder.")
     add("--generator.rewriter", type=str, default=DEFAULT_REWRITER,
         help=f"Chat LLM (hub id or local folder) that rewrites captions into prompts, or '{NO_REWRITER}'.")
@@ -117,6 +147,10 @@ def add_generator_args(parser: argparse.ArgumentParser) -> None:
     add("--generator.torch_threads", type=int, default=0,
         help="CPU threads torch may use (0: torch's default); 1 suits tiny demo models on a busy machine.")
     add("--generator.seed", type=int, default=-1, help="Seed of all random draws (-1: a fresh random seed).")
+    add("--generator.worker_id", type=int, default=0,
+        help="This worker's number when several generators (one per GPU) fill one cache: added to a fixed "
+             "--generator.seed so workers draw different prompts and images, and reported in logs and heartbeat. "
+             "Give each worker its own --neuron.state_dir and metrics port.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,10 +171,11 @@ def _check(parser: argparse.ArgumentParser, config: Any) -> None:
     problems = []
     if g.cache_max_gb <= 0 or g.real_cache_max_gb <= 0:
         problems.append("cache sizes must be positive")
-    counts = (g.cache_max_items, g.max_images, g.steps, g.interval, g.torch_threads)
+    counts = (g.cache_max_items, g.max_images, g.steps, g.interval, g.torch_threads, g.worker_id)
     if min(counts) < 0 or min(g.batch, g.max_failures) < 1:
         problems.append(
-            "cache_max_items, max_images, steps, interval and torch_threads must be >= 0; batch and max_failures >= 1"
+            "cache_max_items, max_images, steps, interval, torch_threads and worker_id must be >= 0; batch and "
+            "max_failures >= 1"
         )
     if g.resolution and (g.resolution % 8 or not 8 <= g.resolution <= 4096):
         problems.append(f"resolution must be 0 or a multiple of 8 in [8, 4096], got {g.resolution}")
@@ -169,6 +204,24 @@ def _check(parser: argparse.ArgumentParser, config: Any) -> None:
         parse_model_list(g.models)
     except ModelConfigError as err:
         problems.append(f"--generator.models: {err}")
+    if not 0.0 <= g.inpaint_share <= 1.0:
+        problems.append(f"--generator.inpaint_share must be in [0, 1], got {g.inpaint_share}")
+    elif g.inpaint_share > 0:
+        if g.prompt_mode != "caption":
+            problems.append("--generator.inpaint_share needs --generator.prompt_mode caption (a real image to inpaint)")
+        try:
+            parse_model_list(g.inpaint_models, task=INPAINTING)
+        except ModelConfigError as err:
+            problems.append(f"--generator.inpaint_models: {err}")
+    if not 0.0 <= g.video_share <= 1.0:
+        problems.append(f"--generator.video_share must be in [0, 1], got {g.video_share}")
+    elif g.video_share > 0:
+        try:
+            parse_model_list(g.video_models, task=TEXT_TO_VIDEO)
+        except ModelConfigError as err:
+            problems.append(f"--generator.video_models: {err}")
+    if g.video_frames < 0 or g.video_cache_max_gb <= 0:
+        problems.append("--generator.video_frames must be >= 0 and --generator.video_cache_max_gb positive")
     problems.extend(_real_source_problems(g.real_source))
     if problems:
         parser.error("; ".join(problems))
@@ -229,13 +282,17 @@ def run(config: Any, stop: threading.Event) -> int:
     once loading is done, so a long first download is not mistaken for a hang.
     """
     g = config.generator
-    seed = g.seed if g.seed >= 0 else random.SystemRandom().randrange(2**32)
+    seed = g.seed + g.worker_id if g.seed >= 0 else random.SystemRandom().randrange(2**32)
     device = torch.device(_device(g.device))
     if g.torch_threads:
         torch.set_num_threads(g.torch_threads)
-    log.info("generator starting: device %s, prompt mode %s, seed %d, cache %s",
-             device, g.prompt_mode, seed, g.cache_dir)
+    log.info("generator worker %d starting: device %s, prompt mode %s, seed %d, cache %s",
+             g.worker_id, device, g.prompt_mode, seed, g.cache_dir)
     specs = parse_model_list(g.models)
+    if g.inpaint_share > 0:
+        specs += parse_model_list(g.inpaint_models, task=INPAINTING)
+    if g.video_share > 0:
+        specs += parse_model_list(g.video_models, task=TEXT_TO_VIDEO)
     source = None
     try:
         check_pipeline_classes(specs)
@@ -254,12 +311,20 @@ def run(config: Any, stop: threading.Event) -> int:
             source.stop()
         return 1
     cache = ImageCache(g.cache_dir, max_bytes=int(g.cache_max_gb * 1e9), max_items=g.cache_max_items or None)
+    semi_cache = None
+    if g.inpaint_share > 0:
+        semi_cache = ImageCache(
+            g.semi_cache_dir, max_bytes=int(g.cache_max_gb * 1e9), max_items=g.cache_max_items or None
+        )
     pipeline = SyntheticImagePipeline(
         pool, cache, source=source, captioner=captioner, rewriter=rewriter, prompt_mode=g.prompt_mode,
         resolution=g.resolution or None, steps=g.steps or None, image_format=g.image_format, seed=seed,
+        semi_cache=semi_cache, inpaint_share=g.inpaint_share,
+        video_cache=ClipCache(g.video_cache_dir, max_bytes=int(g.video_cache_max_gb * 1e9)) if g.video_share else None,
+        video_share=g.video_share, video_frames=g.video_frames or None,
     )
     progress = Progress(monitor, cache, g.max_failures)
-    progress.beat("started", device=str(device), memory_budget_gb=round(plan.budget_gb, 2),
+    progress.beat("started", worker=g.worker_id, device=str(device), memory_budget_gb=round(plan.budget_gb, 2),
                   helpers_swapped=plan.swap_helpers)
     try:
         code = _loop(pipeline, Residency(plan, device, helpers, pool), g, stop, progress)
@@ -298,8 +363,8 @@ class Progress:
         self.cache_items, self.cache_mb = len(self.cache), self.cache.total_bytes() / 1e6
         meta = record.metadata
         log.info(
-            "image %d: model=%s steps=%s seconds=%.1f cache=%d items/%.1f MB file=%s",
-            self.images, meta["model"], meta["call_args"].get("num_inference_steps", "default"),
+            "image %d: kind=%s model=%s steps=%s seconds=%.1f cache=%d items/%.1f MB file=%s",
+            self.images, meta["kind"], meta["model"], meta["call_args"].get("num_inference_steps", "default"),
             meta["timings"]["total_s"], self.cache_items, self.cache_mb, record.path.name,
         )
         self.monitor.metrics.record_image(meta["model"], self.cache_items)
@@ -354,7 +419,7 @@ def _loop(pipeline: SyntheticImagePipeline, residency: Residency, g: Any, stop: 
     moves models once per round); returns the exit code."""
     while not stop.is_set():
         try:
-            model = pipeline.pick_model()
+            model = pipeline.pick_model(pipeline.pick_task())
         except NoModelAvailable as err:
             log.error("stopping: %s", err)
             return 1

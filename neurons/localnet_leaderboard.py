@@ -3,7 +3,8 @@
 Why a separate reader: `StateStore.load()` belongs to the validator that owns the file (it moves an unusable
 file aside and removes temporary files of an interrupted save, which would break a save in flight), so the
 leaderboard only reads the file and validates it with the same pydantic model. Accuracy and MCC come from
-`Scorer.all_stats()` over the histories the validator kept, exactly as the validator computes them.
+`Scorer.all_stats()` over the histories the validator kept, exactly as the validator computes them; the image
+columns read the image history, the `video:` line the clip history.
 """
 
 import json
@@ -13,12 +14,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from bitmind.protocol import is_generated
 from validator.scoring import Scorer
 from validator.state import STATE_FILENAME, ValidatorState
 
 __all__ = ["SUMMARY_KEYS", "Leaderboard", "MinerInfo", "MinerRow", "build_leaderboard", "read_validator_state"]
 
-SUMMARY_KEYS = ("uid", "hotkey", "detector", "answered", "accuracy", "mcc", "score", "weight")
+SUMMARY_KEYS = ("uid", "hotkey", "detector", "answered", "accuracy", "real_accuracy", "fake_accuracy", "mcc",
+                "video_answers", "video_accuracy", "video_mcc", "score", "weight")
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,14 @@ class MinerRow:
     answered: int
     queried: int
     accuracy: float
+    real_accuracy: float | None  # share of the kept real challenges answered real (None before any)
+    fake_accuracy: float | None  # share of the kept AI-generated challenges answered AI-generated (None before any)
     mcc: float
     score: float
     weight: float
+    video_answers: int = 0  # valid answers to clip challenges kept in the video history
+    video_accuracy: float | None = None  # over that history (None before any)
+    video_mcc: float | None = None
 
     def summary(self) -> dict[str, object]:
         row = asdict(self)
@@ -64,8 +72,8 @@ class Leaderboard:
     def render(self, title: str = "") -> str:
         """A plain-text table (no colours, so it reads the same in a log file)."""
         header = (
-            f"{'rank':>4}  {'uid':>3}  {'detector':<16} {'answered':>9}  {'accuracy':>8}  {'MCC':>6}  {'score':>6}  "
-            f"{'weight':>6}"
+            f"{'rank':>4}  {'uid':>3}  {'detector':<16} {'answered':>9}  {'accuracy':>8}  {'real ok':>7}  "
+            f"{'fake ok':>7}  {'MCC':>6}  {'score':>6}  {'weight':>6}"
         )
         lines = [title] if title else []
         lines += [header, "-" * len(header)]
@@ -73,11 +81,30 @@ class Leaderboard:
             weight = f"{row.weight:6.3f}" if self.weights_set else f"{'-':>6}"
             lines.append(
                 f"{rank:>4}  {row.uid:>3}  {row.detector[:16]:<16} {f'{row.answered}/{row.queried}':>9}  "
-                f"{row.accuracy:8.3f}  {row.mcc:+6.3f}  {row.score:6.3f}  {weight}"
+                f"{row.accuracy:8.3f}  {_share(row.real_accuracy)}  {_share(row.fake_accuracy)}  {row.mcc:+6.3f}  "
+                f"{row.score:6.3f}  {weight}"
             )
         if not self.weights_set:
             lines.append("(no weights on chain yet)")
+        video = [f"uid {row.uid} {row.video_accuracy:.3f} acc {row.video_mcc:+.3f} MCC ({row.video_answers} clips)"
+                 for row in self.rows if row.video_accuracy is not None]
+        if video:
+            lines.append("video: " + ", ".join(video))
         return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return f"{'-':>7}" if value is None else f"{value:7.3f}"
+
+
+def _accuracy_per_label(history: Sequence[tuple[int, float]]) -> tuple[float | None, float | None]:
+    """(real, AI-generated) share answered right over a kept history: shows which half of the challenges a miner
+    gets right (e.g. a retrieval index answers real ones); None for a label not seen yet."""
+    shares = []
+    for label in (0, 1):
+        right = [bool(is_generated(probability)) == bool(label) for seen, probability in history if seen == label]
+        shares.append(sum(right) / len(right) if right else None)
+    return shares[0], shares[1]
 
 
 def read_validator_state(state_dir: str | Path, netuid: int) -> ValidatorState | None:
@@ -103,6 +130,8 @@ def build_leaderboard(
         stats = by_uid.get(miner.uid)
         if stats is not None and stats.hotkey != miner.hotkey:
             stats = None  # the validator has not synced this uid's current hotkey yet
+        record = state.scorer.miners.get(miner.hotkey) if stats is not None else None
+        real, fake = _accuracy_per_label(record.history if record else [])
         rows.append(
             MinerRow(
                 uid=miner.uid,
@@ -111,9 +140,14 @@ def build_leaderboard(
                 answered=stats.answered if stats else 0,
                 queried=stats.queried if stats else 0,
                 accuracy=stats.accuracy if stats else 0.0,
+                real_accuracy=real,
+                fake_accuracy=fake,
                 mcc=stats.mcc if stats else 0.0,
                 score=stats.score if stats else 0.0,
                 weight=float(weights.get(miner.uid, 0.0)),
+                video_answers=stats.video_history_len if stats else 0,
+                video_accuracy=stats.video_accuracy if stats and stats.video_history_len else None,
+                video_mcc=stats.video_mcc if stats and stats.video_history_len else None,
             )
         )
     rows.sort(key=lambda row: (-row.score, row.uid))

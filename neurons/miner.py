@@ -1,4 +1,4 @@
-"""Miner process: serve a detector behind an Axon and answer validators' image challenges.
+"""Miner process: serve a detector behind an Axon and answer validators' image and video challenges.
 
 Wiring only: the detector comes from `base_miner`, batching from `base_miner.batcher`, the caller policy,
 chain and transport from `bitmind`.
@@ -15,18 +15,29 @@ import time
 from collections.abc import Sequence
 
 import bittensor as bt
+import numpy as np
 import torch
 from PIL import Image
 
-from base_miner.batcher import MicroBatcher, QueueFull
+from base_miner.batcher import BatchResult, MicroBatcher, QueueFull
 from base_miner.registry import build_detector
 from bitmind.caller_policy import CallerPolicy
 from bitmind.chain import Chain, ChainError, make_chain
 from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser, setup_logging
 from bitmind.image_codec import DecodeLimits
+from bitmind.mask_codec import encode_mask
 from bitmind.monitoring.monitor import Monitor, add_monitoring_args
-from bitmind.protocol import ImageSynapse
-from bitmind.transport import DEFAULT_MAX_REQUEST_BYTES, Blacklist, Forward, MinerServer, ServeError, lookup_external_ip
+from bitmind.protocol import ImageSynapse, VideoSynapse
+from bitmind.transport import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    Blacklist,
+    Forward,
+    MinerServer,
+    ServeError,
+    VideoForward,
+    lookup_external_ip,
+)
+from bitmind.video_codec import VideoLimits, decode_clip
 
 log = logging.getLogger("bitmind.miner")
 
@@ -48,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default="camo",
         help="Detector config: a YAML path or a packaged config name (camo, npr, generalist, ucf, baseline).",
+    )
+    parser.add_argument(
+        "--neuron.video_detector",
+        type=str,
+        default="tall",
+        help="Video detector config (a YAML path or packaged name such as tall), served on the same axon with the "
+        "same batching and limits; 'none' answers every video challenge with -1 (no answer).",
+    )
+    parser.add_argument(
+        "--miner.max_video_mb", type=float, default=8.0, help="Largest decoded clip payload accepted, in MB."
     )
     parser.add_argument(
         "--miner.batch_size",
@@ -99,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "real images from the index, the rest from its experts; empty: no look-up.",
     )
     parser.add_argument(
+        "--miner.masks",
+        action="store_true",
+        help="Also answer image challenges with the detector's generated-pixel map in the optional mask field "
+        "(needs a detector that produces maps: segmenter, or CAMO with a segmenter expert); it is scored apart "
+        "from the binary reward.",
+    )
+    parser.add_argument(
         "--blacklist.force_validator_permit",
         action="store_true",
         help="Refuse callers without a validator permit.",
@@ -138,7 +166,12 @@ def advertised_ip(config: bt.Config) -> str:
 
 
 def build_server(
-    config: bt.Config, wallet: bt.Wallet, forward: Forward, blacklist: Blacklist | None, external_ip: str
+    config: bt.Config,
+    wallet: bt.Wallet,
+    forward: Forward,
+    blacklist: Blacklist | None,
+    external_ip: str,
+    video_forward: VideoForward | None = None,
 ) -> MinerServer:
     """The axon as the `--axon.*` and `--miner.max_image_mb` flags describe it (not started)."""
     return MinerServer(
@@ -149,7 +182,11 @@ def build_server(
         ip=config.axon.ip,
         external_ip=external_ip,
         external_port=config.axon.external_port or None,
-        max_request_bytes=max(DEFAULT_MAX_REQUEST_BYTES, int(config.miner.max_image_mb * 1.4 * 1024 * 1024)),
+        max_request_bytes=max(
+            DEFAULT_MAX_REQUEST_BYTES,
+            int(max(config.miner.max_image_mb, config.miner.max_video_mb) * 1.4 * 1024 * 1024),
+        ),
+        video_forward=video_forward,
     )
 
 
@@ -231,30 +268,58 @@ class Miner:
                 f"--wallet.hotkey {config.wallet.hotkey}` first"
             )
         self.detector = build_detector(config.neuron.detector, device=config.neuron.device, **retrieval_override(config))
+        self.return_masks = bool(config.miner.masks)
+        if self.return_masks and not self.detector.produces_masks:
+            raise SystemExit(
+                f"--miner.masks needs a detector that produces generated-pixel maps; {config.neuron.detector!r} does "
+                "not (use the segmenter config, or a CAMO config with a segmenter expert such as camo_segmenter)"
+            )
         workers, threads = worker_layout(
             int(config.miner.workers), int(config.miner.torch_threads), self.detector.device, usable_cores()
         )
         if threads:
             torch.set_num_threads(threads)
+        self.video_detector = None
+        if str(config.neuron.video_detector).lower() != "none":
+            self.video_detector = build_detector(config.neuron.video_detector, device=config.neuron.device)
+            if not hasattr(self.video_detector, "predict_clips"):
+                raise SystemExit(
+                    f"--neuron.video_detector {config.neuron.video_detector!r} is an image detector; give a video "
+                    "detector config (tall) or none"
+                )
         self._warm_up()
         batch_size = config.miner.batch_size or (16 if self.detector.device.startswith("cuda") else 8)
-        self.batcher = MicroBatcher(
-            self.detector.predict_detailed,
+        # Images and clips are batched alike, each modality in its own queue.
+        batching = dict(
             batch_size=batch_size,
             max_wait_ms=config.miner.batch_wait_ms,
             max_queue=config.miner.max_queue,
             max_age_s=config.miner.max_age,
+            workers=workers,
+        )
+        self.batcher = MicroBatcher(
+            self.detector.predict_detailed,
             limits=DecodeLimits(
                 max_bytes=int(config.miner.max_image_mb * 1024 * 1024),
                 max_pixels=int(config.miner.max_image_pixels),
             ),
-            workers=workers,
+            **batching,
         )
-        self.server = build_server(config, self.wallet, self.forward, self.policy.blacklist, self.external_ip)
+        self.video_batcher = None
+        if self.video_detector is not None:
+            limits = VideoLimits(max_bytes=int(config.miner.max_video_mb * 1024 * 1024))
+            self.video_batcher = MicroBatcher(
+                self.video_detector.predict_clips, decode=lambda payload: decode_clip(payload, limits), **batching
+            )
+        self.server = build_server(
+            config, self.wallet, self.forward, self.policy.blacklist, self.external_ip, self.forward_video
+        )
         self.served = 0
         log.info(
-            "miner uid=%d hotkey=%s detector=%s device=%s batch_size=%d workers=%d torch_threads=%d port=%d",
-            self.uid, self.hotkey[:8], self.detector.name, self.detector.device, batch_size, workers,
+            "miner uid=%d hotkey=%s detector=%s video_detector=%s device=%s batch_size=%d workers=%d torch_threads=%d "
+            "port=%d",
+            self.uid, self.hotkey[:8], self.detector.name, self.video_detector.name if self.video_detector else "none",
+            self.detector.device, batch_size, workers,
             torch.get_num_threads(), config.axon.port,
         )
 
@@ -268,33 +333,52 @@ class Miner:
         """One prediction at start-up: proves the model runs and keeps first-request latency low."""
         started = time.perf_counter()
         self.detector.predict([Image.new("RGB", (256, 256), (127, 127, 127))])
+        if self.video_detector is not None:
+            self.video_detector.predict_clips([np.full((16, 256, 256, 3), 127, np.uint8)])
         log.info("detector warm-up %.0f ms", (time.perf_counter() - started) * 1000)
 
     async def forward(self, synapse: ImageSynapse) -> ImageSynapse:
+        result = await self._answer(synapse, synapse.image, self.batcher, "image")
+        if self.return_masks and result is not None and result.prediction.mask is not None:
+            try:
+                synapse.mask = encode_mask(result.prediction.mask)
+            except ValueError as exc:  # a map the codec refuses costs the mask, never the prediction
+                log.warning("image request: mask not sent: %s", exc)
+        return synapse
+
+    async def forward_video(self, synapse: VideoSynapse) -> VideoSynapse:
+        """Clips go to the video detector's batcher; without one (`--neuron.video_detector none`) the answer stays -1."""
+        if self.video_batcher is not None:
+            await self._answer(synapse, synapse.video, self.video_batcher, "video")
+        return synapse
+
+    async def _answer(self, synapse, payload: str, batcher: MicroBatcher, modality: str) -> BatchResult | None:
+        """Queue one challenge by caller stake and set `synapse.prediction`; None (prediction left at -1) when it is
+        shed, undecodable or the detector fails on it."""
         started = time.perf_counter()
         caller = synapse.dendrite.hotkey if synapse.dendrite else None
         neuron = self.policy.lookup(caller)
         uid = neuron[0] if neuron else -1
         try:
-            result = await self.batcher.submit(synapse.image, priority=self.policy.priority(caller))
+            result = await batcher.submit(payload, priority=self.policy.priority(caller))
         except QueueFull as exc:
-            log.warning("request uid=%d hotkey=%s shed: %s", uid, (caller or "")[:8], exc)
+            log.warning("%s request uid=%d hotkey=%s shed: %s", modality, uid, (caller or "")[:8], exc)
             self.monitor.metrics.record_request("shed", time.perf_counter() - started)
-            return synapse
+            return None
         latency = time.perf_counter() - started
         if result.prediction is None:
-            log.warning("request uid=%d hotkey=%s no answer: %s", uid, (caller or "")[:8], result.error)
+            log.warning("%s request uid=%d hotkey=%s no answer: %s", modality, uid, (caller or "")[:8], result.error)
             self.monitor.metrics.record_request("rejected", latency)
-            return synapse
+            return None
         synapse.prediction = float(result.prediction.probability)
         self.served += 1
         self.monitor.metrics.record_request("ok", latency)
         log.info(
-            "request uid=%d hotkey=%s route=%s p=%.4f latency_ms=%.1f queue_ms=%.1f batch=%d",
-            uid, (caller or "")[:8], result.prediction.route, synapse.prediction, latency * 1000,
+            "%s request uid=%d hotkey=%s route=%s p=%.4f latency_ms=%.1f queue_ms=%.1f batch=%d",
+            modality, uid, (caller or "")[:8], result.prediction.route, synapse.prediction, latency * 1000,
             result.queue_ms, result.batch_size,
         )
-        return synapse
+        return result
 
     def _publish(self) -> bool:
         """Put the axon's advertised address on chain, retrying while the chain fails; False when stopped meanwhile.

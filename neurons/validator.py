@@ -1,6 +1,7 @@
 """Validator process: challenge miners with real and AI-generated images, score them, set weights.
 
-Wiring only: miner selection and the challenge step come from `validator.forward`, rewards and scores from
+Wiring only: miner selection and the challenge step come from `validator.forward` (video clips, a
+`--validator.video_share` of the steps, from `validator.video`), rewards and scores from
 `validator.scoring`, persistence from `validator.state`, weight setting from `validator.weight_setter`, chain and
 transport from `bitmind`.
 
@@ -34,6 +35,7 @@ from bitmind.monitoring.monitor import Monitor, add_monitoring_args
 from bitmind.transport import ValidatorClient
 from validator.challenges import ChallengeSampler
 from validator.forward import (
+    CHALLENGE_SIZE,
     ChallengeRunner,
     ForwardParams,
     StepResult,
@@ -45,6 +47,7 @@ from validator.forward import (
 from validator.reward import AnswerKind
 from validator.scoring import Scorer, add_scoring_args
 from validator.state import StateStore
+from validator.video.config import VideoChallenges, add_video_args, build_video_challenges, check_video_config
 from validator.weight_setter import WeightSetter, add_weight_args
 
 log = logging.getLogger("bitmind.validator")
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scoring_args(parser)
     add_weight_args(parser)
     add_forward_args(parser)
+    add_video_args(parser)
     parser.add_argument(
         "--neuron.step_interval",
         type=float,
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(config: bt.Config) -> list[str]:
     """Problems with the flags, one message each (empty when they are usable)."""
-    problems = check_forward_config(config)
+    problems = check_forward_config(config) + check_video_config(config)
     neuron = config.neuron
     if not neuron.step_interval >= 0:
         problems.append(f"--neuron.step_interval must be >= 0, got {neuron.step_interval}")
@@ -117,6 +121,7 @@ class Validator:
         chain: Chain | None = None,
         sampler: ChallengeSampler | None = None,
         on_watchdog_expire: Callable[[float], None] | None = None,
+        video: VideoChallenges | None = None,
     ) -> None:
         self.config = config
         self.wallet = bt.Wallet(config=config)
@@ -144,7 +149,9 @@ class Validator:
         self.real_source = None
         if sampler is None:
             sampler, self.real_source = build_sampler(config)
+            video = build_video_challenges(config, CHALLENGE_SIZE)
         self.sampler = sampler
+        self.video = video
         seed = config.validator.seed
         self.client = ValidatorClient(self.wallet, external_ip=config.validator.external_ip or None)
         self.runner = ChallengeRunner(
@@ -154,6 +161,7 @@ class Validator:
             self.hotkey,
             ForwardParams.from_config(config),
             np.random.default_rng(None if seed < 0 else seed),
+            video,
         )
         self.weight_setter = WeightSetter.from_config(
             config, self.chain, self.wallet, self.scorer.weights, state.last_weights_block if state else None,
@@ -163,9 +171,10 @@ class Validator:
         self.monitor = Monitor.from_config(config, role="validator", on_watchdog_expire=on_watchdog_expire)
         log.info(
             "validator uid=%d hotkey=%s netuid=%d neurons=%d sample_size=%d timeout=%gs step_interval=%gs "
-            "fake_prob=%g state=%s",
+            "challenge mix %s state=%s",
             self.uid, self.hotkey[:8], config.netuid, self.view.n, config.neuron.sample_size, config.neuron.timeout,
-            config.neuron.step_interval, config.validator.fake_prob, self.store.path,
+            config.neuron.step_interval, " ".join(f"{k}={p:.3g}" for k, p in self.sampler.kind_probs.items()),
+            self.store.path,
         )
 
     # --- chain view ------------------------------------------------------------------------------------------
@@ -237,7 +246,8 @@ class Validator:
         top = sorted(
             ((uid, float(scores[uid])) for uid in registered if scores[uid] > 0), key=lambda pair: (-pair[1], pair[0])
         )
-        log.info(format_step(self.steps_done, result, top[:TOP_SCORES_LOGGED]))
+        log.info(format_step(self.steps_done, result, top[:TOP_SCORES_LOGGED], self.runner.stats,
+                             self.runner.video_stats if self.video is not None else None))
         metrics = self.monitor.metrics
         for response, reward in zip(result.responses, result.rewards, strict=True):
             metrics.record_request(_outcome(response.status, reward.kind), response.latency)
@@ -248,6 +258,11 @@ class Validator:
             queried=len(result.uids), answered=result.answered,
             last_weights_block=self.weight_setter.last_success_block,
             synthetic_cached=self.sampler.synthetic_cached(),
+            challenge_kind=result.challenge.kind if result.challenge is not None else "none",
+            kinds=self.runner.stats.summary(),
+            modality=result.modality,
+            video_kinds=self.runner.video_stats.summary() if self.video is not None else None,
+            video_clips_cached=len(self.video.real) if self.video is not None else None,
         )
 
     def _safe_step(self) -> bool | None:
@@ -300,6 +315,8 @@ class Validator:
             if self.real_source is not None:
                 self._prefill(int(self.config.validator.prefill_images))
                 self.real_source.start()
+            if self.video is not None:
+                self.video.real.start()
             self.weight_setter.start()
             while not self.stop_event.is_set():
                 started = time.monotonic()
@@ -325,6 +342,8 @@ class Validator:
         log.info("validator shutting down after %d steps", self.steps_done)
         if self.real_source is not None:
             self.real_source.stop(timeout=5.0)
+        if self.video is not None:
+            self.video.real.stop(timeout=5.0)
         self.weight_setter.stop()
         try:
             self.client.close()

@@ -205,6 +205,8 @@ def validator_argv(subnet: Subnet, root: Path, *extra: str) -> list[str]:
         "--validator.real_datasets", "packaged",
         "--validator.real_cache", str(root / "real_cache"),
         "--validator.synthetic_cache", str(root / "synthetic_cache"),
+        "--validator.semi_synthetic_cache", str(root / "semi_synthetic_cache"),
         "--validator.seed", "7",
+        "--validator.video_share", "0",  # image challenges only unless a test asks for clips
         *extra,
     ]

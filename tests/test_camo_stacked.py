@@ -9,9 +9,11 @@ from PIL import Image
 
 from base_miner.arena.metrics import binary_metrics
 from base_miner.detectors.aggregator import StackedAggregator
+from base_miner.gates.resolution import effective_side
 from base_miner.registry import ConfigError, build_detector
 from base_miner.training.probe_fit import group_weights
 from base_miner.training.stack_fit import fit_stack
+from validator.augment import LEVELS, Augmenter
 from tests._fixtures_camo import STAND_IN, camo_config, pictures  # noqa: F401 (fixture)
 
 TINY = {"detector": STAND_IN, "value": 0.77}
@@ -35,10 +37,47 @@ def test_thumbnails_go_to_the_resolution_expert_alone(pictures):
     assert camo.experts["general"].calls == [[big.size, pictures["astronaut"].size]]
 
 
+def _upscaled_thumbnail(picture: Image.Image) -> Image.Image:
+    """The validator's challenge made from a 32² thumbnail of `picture` (level 1: rotation, crop, flips, 256²)."""
+    thumbnail = picture.resize((32, 32), Image.Resampling.BICUBIC)
+    return Augmenter({1: 1.0})(thumbnail, np.random.default_rng(0))[0]
+
+
+def test_effective_side_tells_up_scaled_thumbnails_from_photos(pictures):
+    rng = np.random.default_rng(1)
+    for level in LEVELS:
+        challenge, _ = Augmenter({level: 1.0})(pictures["chelsea"].resize((32, 32), Image.Resampling.BICUBIC), rng)
+        assert challenge.size == (256, 256) and effective_side(challenge) <= 36, level
+    for name in ("coffee", "chelsea", "astronaut"):
+        assert effective_side(pictures[name]) > 64, name  # a photo keeps detail up to its analysis size
+        assert effective_side(Augmenter({0: 1.0})(pictures[name], rng)[0]) > 64, name
+    assert effective_side(Image.new("RGB", (256, 256), (90, 90, 90))) == 0.0  # no detail at all
+    assert effective_side(Image.new("RGB", (3, 2))) == 3.0  # too small to measure: its own side
+    with pytest.raises(ValueError, match="energy"):
+        effective_side(pictures["coffee"], energy=1.0)
+
+
+def test_up_scaled_thumbnails_without_faces_go_to_the_resolution_expert(pictures):
+    route = {"max_side": 64, "expert": "tiny", "max_effective_side": 36}
+    config = camo_config(face=0.9, general=0.2, resolution_route=route)
+    config["experts"]["tiny"] = TINY
+    camo = build_detector(config, device="cpu")
+    challenge = _upscaled_thumbnail(pictures["coffee"])
+    predictions = camo.predict_detailed([challenge, pictures["coffee"], pictures["astronaut"]])
+    assert [p.route for p in predictions] == ["tiny", "general", "face"]
+    assert predictions[0].experts == {"tiny": 0.77} and predictions[0].probability == 0.77
+    without = camo_config(face=0.9, general=0.2, resolution_route={"max_side": 64, "expert": "tiny"})
+    without["experts"]["tiny"] = TINY
+    assert build_detector(without, device="cpu").predict_detailed([challenge])[0].route == "general"
+
+
 @pytest.mark.parametrize(
     "route, message",
     [({"max_side": 0, "expert": "tiny"}, "resolution_route"), ({"max_side": 64, "expert": "nope"}, "resolution_route"),
-     ({"max_side": True, "expert": "tiny"}, "resolution_route"), ("64", "resolution_route")],
+     ({"max_side": True, "expert": "tiny"}, "resolution_route"), ("64", "resolution_route"),
+     ({"max_side": 64, "expert": "tiny", "max_effective_side": 0}, "resolution_route"),
+     ({"max_side": 64, "expert": "tiny", "max_effective_side": "32"}, "resolution_route"),
+     ({"max_side": 64, "expert": "tiny", "max_efective_side": 32}, "resolution_route")],
 )
 def test_bad_resolution_route_is_refused(route, message):
     config = camo_config()

@@ -548,7 +548,10 @@ class _ScriptedPipeline:
     def __init__(self, outcomes):
         self.outcomes = iter(outcomes)
 
-    def pick_model(self):
+    def pick_task(self):
+        return "text-to-image"
+
+    def pick_model(self, task):
         return "m"
 
     def make_prompt(self):
@@ -558,7 +561,8 @@ class _ScriptedPipeline:
         outcome = next(self.outcomes)
         if isinstance(outcome, Exception):
             raise outcome
-        return SimpleNamespace(metadata={"model": model, "call_args": {}, "timings": {"total_s": 0.1}}, path=Path("x"))
+        metadata = {"kind": "synthetic", "model": model, "call_args": {}, "timings": {"total_s": 0.1}}
+        return SimpleNamespace(metadata=metadata, path=Path("x"))
 
 
 class _Resident:

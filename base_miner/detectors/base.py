@@ -4,6 +4,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 __all__ = ["DeepfakeDetector", "Prediction", "select_device"]
@@ -11,11 +12,13 @@ __all__ = ["DeepfakeDetector", "Prediction", "select_device"]
 
 @dataclass
 class Prediction:
-    """One image's answer: the probability it is AI-generated, and how CAMO got there."""
+    """One image's answer: the probability it is AI-generated, how CAMO got there, and (from detectors that
+    segment) the per-pixel probability that each pixel is generated, float32 in [0, 1] at the image's size."""
 
     probability: float
     route: str = ""
     experts: dict[str, float] = field(default_factory=dict)
+    mask: np.ndarray | None = None
 
 
 def select_device(requested: str | None = None) -> str:
@@ -35,6 +38,7 @@ class DeepfakeDetector(abc.ABC):
     """
 
     registry_name: str = ""
+    produces_masks: bool = False  # True when `predict_detailed` fills `Prediction.mask`
 
     def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
         self.config = dict(config)

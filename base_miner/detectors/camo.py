@@ -6,11 +6,15 @@ group, and each image's expert outputs are combined into one probability. Routin
    of an indexed public real image is answered by the index's calibrated low probability, route `retrieval`.
 1. Resolution: an image whose longer side is at most `resolution_route.max_side` (a 32² thumbnail) goes to that
    route's expert alone — a net trained at that native size; up-scaling it for the others would erase the evidence.
+   With `max_effective_side`, so does an up-scaled thumbnail (a validator's 256² challenge made from one): an image
+   in which the gate finds no face and whose detail fits a grid that small (`gates/resolution.py`).
 2. Content: the gate looks at every other image; a face goes to the face expert (aligned crop).
 3. The `always` experts (default: `general`) see every other full image (with `general_on_faces: false`, only
    images without a gate region).
 Combining: `stacked` (a logistic regression over expert logits fitted on images no expert trained on, see
 `aggregator.py`), `weighted_mean`, or `max` (the reference subnet's rule, which lets one false alarm decide).
+Maps: an expert that produces generated-pixel maps (a segmenter among the `always` experts) lends its map of the
+full image to CAMO's answer (`Prediction.mask`), so a miner can return it.
 """
 
 import logging
@@ -18,10 +22,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from base_miner.detectors.aggregator import StackedAggregator
 from base_miner.detectors.base import DeepfakeDetector, Prediction
+from base_miner.gates.resolution import effective_side
 from base_miner.registry import ConfigError, build_detector, build_gate, register_detector
 
 __all__ = ["CAMO", "COMBINE_RULES", "GENERAL"]
@@ -62,7 +68,8 @@ class CAMO(DeepfakeDetector):
                         path (relative to this file) or an inline mapping; `general` is required, every other
                         key is a content type the gate emits, an `always` expert or the resolution route's expert
       always            experts that see every full image (default `[general]`), e.g. `[general, npr]`
-      resolution_route  `{max_side: N, expert: NAME}`: images with longer side ≤ N go to NAME alone
+      resolution_route  `{max_side: N, expert: NAME[, max_effective_side: M]}`: images with longer side ≤ N go to
+                        NAME alone, and so do faceless images whose effective resolution is ≤ M pixels across
       combine           `stacked`, `weighted_mean` or `max` (default `max`)
       aggregator        with `stacked`: the aggregator JSON written by bitmind-fit-stack (relative to this file)
       weights           `{expert: weight > 0}` for every expert but the resolution route's; required by `weighted_mean`
@@ -85,7 +92,9 @@ class CAMO(DeepfakeDetector):
         if not isinstance(specs, dict) or GENERAL not in specs:
             raise ConfigError(f"CAMO: experts must be a mapping with a {GENERAL!r} expert, got {specs!r}")
         self.always = self._check_always(self.config.get("always", [GENERAL]), specs)
-        self.tiny_side, self.tiny_expert = self._check_resolution_route(self.config.get("resolution_route"), specs)
+        self.tiny_side, self.tiny_expert, self.tiny_effective_side = self._check_resolution_route(
+            self.config.get("resolution_route"), specs
+        )
         self.content_experts = [n for n in specs if n in getattr(self.gate, "content_types", ())]
         allowed = {*self.always, *self.content_experts, *([self.tiny_expert] if self.tiny_expert else [])}
         for name in specs:
@@ -101,17 +110,20 @@ class CAMO(DeepfakeDetector):
         self.experts: dict[str, DeepfakeDetector] = {
             name: build_detector(_resolve_expert(spec, config_dir), device=self.device) for name, spec in specs.items()
         }
+        self.produces_masks = any(expert.produces_masks for expert in self.experts.values())
         self.retrieval = None
         if self.config.get("retrieval") is not None:
             from base_miner.retrieval.expert import RetrievalExpert  # faiss and the index only when configured
 
             self.retrieval = RetrievalExpert.from_config(self.config["retrieval"], device=self.device)
         log.info(
-            "CAMO ready: gate %s, experts %s, always %s, thumbnails (≤ %s px) → %s, combine %s, general_on_faces %s",
+            "CAMO ready: gate %s, experts %s, always %s, thumbnails (≤ %s px, effective ≤ %s px) → %s, combine %s, "
+            "general_on_faces %s",
             type(self.gate).__name__,
             {name: expert.name for name, expert in self.experts.items()},
             self.always,
             self.tiny_side,
+            self.tiny_effective_side,
             self.tiny_expert,
             self.combine,
             self.general_on_faces,
@@ -124,13 +136,19 @@ class CAMO(DeepfakeDetector):
         return list(dict.fromkeys(always))
 
     @staticmethod
-    def _check_resolution_route(route: Any, experts: dict[str, Any]) -> tuple[int | None, str | None]:
+    def _check_resolution_route(route: Any, experts: dict[str, Any]) -> tuple[int | None, str | None, int | None]:
         if route is None:
-            return None, None
-        side, expert = (route.get("max_side"), route.get("expert")) if isinstance(route, dict) else (None, None)
-        if isinstance(side, bool) or not isinstance(side, int) or side < 1 or expert not in experts:
-            raise ConfigError(f"CAMO: resolution_route must be {{max_side: int >= 1, expert: <configured expert>}}, got {route!r}")
-        return side, expert
+            return None, None, None
+        shape = "{max_side: int >= 1, expert: <configured expert>[, max_effective_side: int >= 1]}"
+        if not isinstance(route, dict) or set(route) - {"max_side", "expert", "max_effective_side"}:
+            raise ConfigError(f"CAMO: resolution_route must be {shape}, got {route!r}")
+        side, expert, effective = route.get("max_side"), route.get("expert"), route.get("max_effective_side")
+        for value in (side, effective) if effective is not None else (side,):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"CAMO: resolution_route must be {shape}, got {route!r}")
+        if expert not in experts:
+            raise ConfigError(f"CAMO: resolution_route must be {shape}, got {route!r}")
+        return side, expert, effective
 
     def _load_aggregator(self, config_dir: str | None) -> StackedAggregator | None:
         if self.combine != "stacked":
@@ -170,8 +188,15 @@ class CAMO(DeepfakeDetector):
             log.warning("CAMO gate failed on image %d (%s: %s); using the general expert", index, type(exc).__name__, exc)
             return []
 
-    def _run_expert(self, name: str, images: list[Image.Image]) -> list[float]:
-        outputs = list(self.experts[name].predict(images))
+    def _run_expert(self, name: str, images: list[Image.Image]) -> tuple[list[float], list[np.ndarray | None]]:
+        """Probabilities (checked, clipped) and, from an expert that produces them, generated-pixel maps."""
+        expert = self.experts[name]
+        if expert.produces_masks:
+            detailed = list(expert.predict_detailed(images))
+            outputs, maps = [p.probability for p in detailed], [p.mask for p in detailed]
+        else:
+            outputs = list(expert.predict(images))
+            maps = [None] * len(outputs)
         if len(outputs) != len(images):
             raise RuntimeError(f"CAMO expert {name!r} returned {len(outputs)} probabilities for {len(images)} images")
         probabilities = []
@@ -180,7 +205,7 @@ class CAMO(DeepfakeDetector):
             if not math.isfinite(value):
                 raise RuntimeError(f"CAMO expert {name!r} returned a non-finite probability {value!r}")
             probabilities.append(min(1.0, max(0.0, value)))
-        return probabilities
+        return probabilities, maps
 
     def _combine(self, outputs: dict[str, float]) -> float:
         if self.aggregator is not None:
@@ -204,6 +229,10 @@ class CAMO(DeepfakeDetector):
                 queues[self.tiny_expert].append((index, image))
                 continue
             regions = self._route(index, image)
+            if not regions and self.tiny_effective_side and effective_side(image) <= self.tiny_effective_side:
+                routes.append(self.tiny_expert)
+                queues[self.tiny_expert].append((index, image))
+                continue
             routes.append(regions[0][0] if regions else GENERAL)
             for content, region in regions:
                 queues[content].append((index, region))
@@ -211,18 +240,21 @@ class CAMO(DeepfakeDetector):
                 for name in self.always:
                     queues[name].append((index, image))
         outputs: list[dict[str, float]] = [{} for _ in images]
+        masks: list[np.ndarray | None] = [None] * len(images)
         for name, queue in queues.items():
             if not queue:
                 continue
-            probabilities = self._run_expert(name, [region for _, region in queue])
-            for (index, _), probability in zip(queue, probabilities):
+            probabilities, maps = self._run_expert(name, [region for _, region in queue])
+            for (index, region), probability, prob_map in zip(queue, probabilities, maps):
                 # Several regions of one type (a gate reporting every face) keep the most suspicious one.
                 outputs[index][name] = max(probability, outputs[index].get(name, 0.0))
+                if prob_map is not None and region is images[index]:  # a map of a crop is not the image's map
+                    masks[index] = prob_map
         predictions = []
-        for route, experts, match in zip(routes, outputs, matches):
+        for route, experts, match, mask in zip(routes, outputs, matches, masks):
             if match is not None:
                 predictions.append(Prediction(match.probability, route=RETRIEVAL, experts={RETRIEVAL: match.probability}))
             else:
                 probability = experts[route] if route == self.tiny_expert else self._combine(experts)
-                predictions.append(Prediction(probability, route=route, experts=experts))
+                predictions.append(Prediction(probability, route=route, experts=experts, mask=mask))
         return predictions

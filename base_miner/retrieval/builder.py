@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from base_miner.retrieval.calibration import Calibration, fit_calibration, shortlist_threshold
+from base_miner.retrieval.calibration import Calibration, fit_calibration, fit_shortlists
 from base_miner.retrieval.descriptor import Descriptor, index_views
 from base_miner.retrieval.expert import gather_evidence
 from base_miner.retrieval.index import MANIFEST, RetrievalIndex
@@ -224,28 +224,37 @@ class _Build:
     def calibrate(self, index: RetrievalIndex, shards: dict[str, np.ndarray], challenge: Challenge,
                   levels: Sequence[int]) -> Calibration:  # fmt: skip
         """The match rule from the negatives and from challenges made of evenly spaced indexed images (each level),
-        both run through the serving code (`gather_evidence`)."""
-        negative_scores, _ = index.scores(shards["negatives"]) if len(shards["negatives"]) else (np.zeros(0), None)
-        shortlist = shortlist_threshold(negative_scores)
+        both run through the serving code (`gather_evidence`), with a rule per indexed dataset (`collections`)."""
+        negative_scores, negative_best = (
+            index.scores(shards["negatives"]) if len(shards["negatives"]) else (np.zeros(0), np.zeros(0, np.int64))
+        )
+        first, collections = 0, []
+        for counts in self.state["counts"]:
+            if counts["indexed"]:
+                collections.append((first, counts["indexed"]))
+                first += counts["indexed"]
+        shortlists = fit_shortlists(negative_scores, negative_best, collections)
+        lowest = min([shortlists.shortlist] + [rule["shortlist"] for rule in shortlists.collections])
         negative_inliers = np.zeros(len(negative_scores), dtype=np.int64)
-        verified = np.flatnonzero(negative_scores >= shortlist)
+        verified = np.flatnonzero(negative_scores >= lowest)
         for start in range(0, len(verified), self.descriptor.batch_size):
             rows = verified[start : start + self.descriptor.batch_size]
             images = [self._image(shards["negative_refs"][n]) for n in rows]
-            negative_inliers[rows] = gather_evidence(self.descriptor, index, images, shortlist).inliers
+            negative_inliers[rows] = gather_evidence(self.descriptor, index, images, lowest).inliers
         refs = shards["refs"]
         chosen = np.unique(np.linspace(0, len(refs) - 1, min(self.options.calibration_images, len(refs))).round())
+        chosen = chosen.astype(np.int64)
         queries: dict[int, list[Image.Image]] = {level: [] for level in levels}
-        for image_number in tqdm(chosen.astype(np.int64), desc="calibration challenges", unit="img", leave=False):
+        for image_number in tqdm(chosen, desc="calibration challenges", unit="img", leave=False):
             image = self._image(refs[image_number])
             for level in levels:
                 rng = np.random.default_rng([self.options.seed, int(image_number), level])
                 queries[level].append(challenge(image, rng, level))
         positives = {}
         for level, images in queries.items():
-            found = gather_evidence(self.descriptor, index, images, shortlist)
-            positives[level] = (found.scores, np.where(found.best == chosen, found.inliers, 0))
-        return fit_calibration(shortlist, positives, (negative_scores, negative_inliers))
+            found = gather_evidence(self.descriptor, index, images, lowest)
+            positives[level] = (found.scores, np.where(found.best == chosen, found.inliers, 0), chosen)
+        return fit_calibration(shortlists, positives, (negative_scores, negative_inliers, negative_best))
 
     def finish(self, challenge: Challenge, levels: Sequence[int]) -> dict[str, Any]:
         if not self.state["images"]:
@@ -283,9 +292,9 @@ def build_index(
     manifest = build.finish(challenge, levels)
     calibration = manifest["calibration"]
     log.info(
-        "index %s: %d images, %d entries; shortlist %.4f + %d inliers answers p=%.4g; recall %s on %d challenges, "
-        "%d negatives", out, manifest["images"], manifest["entries"], calibration["shortlist"],
-        calibration["min_inliers"], calibration["probability"], {k: round(v, 3) for k, v in calibration["recall"].items()},
-        calibration["positives"], calibration["negatives"],
+        "index %s: %d images, %d entries; shortlist %.4f + %d inliers (%d datasets with a rule of their own) answers "
+        "p=%.4g; recall %s on %d challenges, %d negatives", out, manifest["images"], manifest["entries"],
+        calibration["shortlist"], calibration["min_inliers"], len(calibration["collections"]), calibration["probability"],
+        {k: round(v, 3) for k, v in calibration["recall"].items()}, calibration["positives"], calibration["negatives"],
     )  # fmt: skip
     return manifest

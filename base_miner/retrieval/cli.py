@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dataset", action="append", required=True, metavar="DATASET",
                        help="data to index, as for bitmind-train/arena: parquet file/folder, imagefolder (real/, fake/) or hub "
                             "id, optionally :SPLIT and ?KEY=VALUE; label 0 rows are indexed, label 1 rows become "
-                            "calibration negatives; repeatable")  # fmt: skip
+                            "calibration negatives; a dataset without a label column needs ?label=0 (every row real); "
+                            "repeatable")  # fmt: skip
     build.add_argument("--negatives", action="append", default=[], metavar="DATASET",
                        help="images NOT in the index (generated, or real from elsewhere), every row a calibration "
                             "negative for the match rule; repeatable")  # fmt: skip

@@ -43,11 +43,13 @@ class Evidence:
 
 
 def gather_evidence(descriptor: Descriptor, index: RetrievalIndex, images: list[Image.Image],
-                    shortlist: float) -> Evidence:  # fmt: skip
-    """Both stages for a batch: one trunk pass per image, then keypoints (image and its mirror) for the shortlisted."""
+                    shortlist: float | Calibration) -> Evidence:  # fmt: skip
+    """Both stages for a batch: one trunk pass per image, then keypoints (image and its mirror) for those whose score
+    reaches the shortlist (one number, or the calibration's rule for their best indexed image)."""
     scores, best = index.scores(descriptor.embed(images))
+    limits = shortlist.shortlists(best) if isinstance(shortlist, Calibration) else np.full(len(images), shortlist)
     inliers = np.zeros(len(images), dtype=np.int64)
-    for n in np.flatnonzero(scores >= shortlist):
+    for n in np.flatnonzero(scores >= limits):
         reference = index.reference(int(best[n]))
         inliers[n] = max(count_inliers(local_features(view), reference) for view in (images[n], mirrored(images[n])))
     return Evidence(scores, best, inliers)
@@ -69,9 +71,9 @@ class RetrievalExpert:
         index, manifest = RetrievalIndex.load(folder, descriptor.identity())
         expert = cls(descriptor, index, Calibration.from_dict(manifest["calibration"]), str(folder))
         log.info(
-            "retrieval index %s: %d images, %d entries (%s), shortlist %.4f, %d inliers, answers p=%.4g, recall %s",
-            folder, index.images, index.entries, index.settings["kind"], expert.calibration.shortlist,
-            expert.calibration.min_inliers,
+            "retrieval index %s: %d images, %d entries (%s), shortlist %.4f, %d inliers (%d datasets with a rule of "
+            "their own), answers p=%.4g, recall %s", folder, index.images, index.entries, index.settings["kind"],
+            expert.calibration.shortlist, expert.calibration.min_inliers, len(expert.calibration.collections),
             expert.calibration.probability, {k: round(v, 3) for k, v in expert.calibration.recall.items()},
         )  # fmt: skip
         return expert
@@ -87,7 +89,7 @@ class RetrievalExpert:
         return cls.load(folder, device=device)
 
     def evidence(self, images: list[Image.Image]) -> Evidence:
-        return gather_evidence(self.descriptor, self.index, images, self.calibration.shortlist)
+        return gather_evidence(self.descriptor, self.index, images, self.calibration)
 
     def lookup(self, images: list[Image.Image]) -> list[Match | None]:
         """A Match for each image recognised as an indexed real image, None for the others."""
@@ -102,6 +104,6 @@ class RetrievalExpert:
         calibration = self.calibration
         return [
             Match(calibration.probability, float(score), int(inliers), int(image))
-            if calibration.matches(score, inliers) else None
+            if calibration.matches(score, inliers, image) else None
             for score, inliers, image in zip(found.scores, found.inliers, found.best)
         ]  # fmt: skip

@@ -2,7 +2,8 @@
 
     manifest.json   format, version, descriptor identity, search settings, datasets and row counts, calibration,
                     and the size and SHA-256 of every data file (written last: no manifest, no index)
-    vectors.faiss   PCA-whitening (fitted on the index's own vectors) -> L2 norm -> inner-product search;
+    vectors.faiss   PCA-whitening (fitted on the index's own vectors; left out below `dim` entries, too few to
+                    fit it) -> L2 norm -> inner-product search;
                     exact (flat) up to FLAT_MAX_ENTRIES entries, IVF with 8-bit scalar quantisation above
     owners.npy      int64, the indexed image each entry (view) belongs to
     keypoints.npy, descriptors.npy, counts.npy
@@ -34,7 +35,7 @@ __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "MANIFEST", "RetrievalIndex", "Retri
 
 
 INDEX_FORMAT = "bitmind-retrieval-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the calibration holds a match rule per indexed dataset
 MANIFEST = "manifest.json"
 VECTORS = "vectors.faiss"
 OWNERS = "owners.npy"
@@ -80,7 +81,8 @@ def _new_faiss_index(dim: int, settings: dict[str, Any]) -> faiss.Index:
         quantizer.this.disown()
     index = faiss.IndexPreTransform(core)
     index.prepend_transform(faiss.NormalizationTransform(dim, 2.0))
-    index.prepend_transform(faiss.PCAMatrix(dim, dim, WHITEN_POWER))
+    if settings["whitened"]:
+        index.prepend_transform(faiss.PCAMatrix(dim, dim, WHITEN_POWER))
     return index
 
 
@@ -172,9 +174,10 @@ class RetrievalIndex:
         owners = np.asarray(owners, dtype=np.int64)
         if vectors.ndim != 2 or len(vectors) != len(owners) or len(vectors) == 0:
             raise ValueError(f"need a non-empty (n, dim) array with one owner per row, got {vectors.shape}, {owners.shape}")
-        settings = _search_settings(len(vectors))
-        index = _new_faiss_index(vectors.shape[1], settings)
         step = max(1, len(vectors) // TRAIN_SAMPLE)
+        # A tiny index (a few images) has fewer vectors than dimensions: PCA cannot be fitted on it.
+        settings = _search_settings(len(vectors)) | {"whitened": len(vectors[::step]) >= vectors.shape[1]}
+        index = _new_faiss_index(vectors.shape[1], settings)
         index.train(vectors[::step])
         index.add(vectors)
         return cls(index, owners, local, settings)

@@ -10,13 +10,14 @@ applied identically to real and fake images so that none of it carries the label
 
 import io
 from collections.abc import Callable, Sequence
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from bitmind.image_codec import to_rgb
 
-__all__ = ["OPERATIONS", "TrainAugment"]
+__all__ = ["DEFAULT_OPERATIONS", "OPERATIONS", "TrainAugment"]
 
 _INTERPOLATIONS = (
     Image.Resampling.NEAREST,
@@ -94,6 +95,20 @@ def _blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 1.5))))
 
 
+@cache
+def _validator_augmenter():
+    from validator.augment import Augmenter  # the validator's own challenge transform, at its default level shares
+
+    return Augmenter()
+
+
+def _challenge(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The challenge a validator would make of this image (a 256² crop at a random level 0-3), brought back to the
+    image's own size as a miner's resize would: an expert for small images learns them as miners receive them."""
+    challenge, _ = _validator_augmenter()(image, rng)
+    return challenge.resize(image.size, Image.Resampling.BICUBIC)
+
+
 OPERATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
     "jpeg": _jpeg,
     "resize": _resize,
@@ -105,7 +120,10 @@ OPERATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]]
     "pad": _pad,
     "cutout": _cutout,
     "blur": _blur,
+    "challenge": _challenge,
 }
+# `challenge` is opt-in: it brings a large image down to a 256² crop's detail, right only for experts of small images
+DEFAULT_OPERATIONS = tuple(name for name in OPERATIONS if name != "challenge")
 
 
 class TrainAugment:
@@ -114,7 +132,7 @@ class TrainAugment:
     def __init__(self, strength: float = 0.5, ops: Sequence[str] | None = None, max_repeats: int = 2) -> None:
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"augmentation strength must be in [0, 1], got {strength!r}")
-        ops = list(OPERATIONS) if ops is None else list(ops)
+        ops = list(DEFAULT_OPERATIONS) if ops is None else list(ops)
         unknown = sorted(set(ops) - set(OPERATIONS))
         if unknown:
             raise ValueError(f"unknown augmentation operation(s) {unknown}; choose from {list(OPERATIONS)}")

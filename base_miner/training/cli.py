@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from base_miner.registry import ConfigError
-from base_miner.training.augment import OPERATIONS
+from base_miner.training.augment import DEFAULT_OPERATIONS, OPERATIONS
 from base_miner.training.data import DataError, parse_selector
+from base_miner.training.distributed import DEFAULT_TIMEOUT_S, launched_rank
 from base_miner.training.trainer import TrainConfig, Trainer
 
 __all__ = ["build_parser", "main", "parse_overrides", "run_command"]
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="remove rows whose source/generator/label equals VALUE from training and validate on them (held-out sources); repeatable")
     data.add_argument("--face-crops", action="store_true", help="train and validate on the face gate's aligned crops (the CAMO face expert)")
     data.add_argument("--gate-config", default="camo", help="CAMO config whose gate makes the face crops")
+    data.add_argument("--streaming", action="store_true",
+                      help="read --train datasets as datasets streams (hub scale, never stored whole; each process its part); needs --samples-per-epoch, whole splits, no --holdout/--face-crops")
+    data.add_argument("--shuffle-buffer", type=_positive(int), default=1000, help="rows in each stream's shuffle buffer (--streaming)")
     data.add_argument("--val-max", type=_positive(int), default=1000, help="cap on rows per validation set (stratified, seeded)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=_positive(int), default=5, help="passes of --samples-per-epoch samples")
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
     optim.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of the steps spent warming up linearly")
     optim.add_argument("--augment", type=_fraction, default=0.5, help="augmentation strength: mean number of times each operation is applied")
-    optim.add_argument("--augment-ops", default=",".join(OPERATIONS), help="comma-separated operations to draw from")
+    optim.add_argument("--augment-ops", default=",".join(DEFAULT_OPERATIONS), help=f"comma-separated operations to draw from, of {', '.join(OPERATIONS)}; challenge (the validator's challenge transform, brought back to the image's size) is opt-in")
     optim.add_argument("--seed", type=int, default=0, help="seeds initialisation, sampling and augmentation: same seed, same run")
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, help="run folder: best/ and last/ checkpoints, trainer state, metrics.jsonl")
@@ -108,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-amp", action="store_true", help="disable fp16 mixed precision on CUDA")
     run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    dist = parser.add_argument_group("several processes (accelerate launch / torchrun; see docs/TRAINING.md)")
+    dist.add_argument("--grad-accum", type=_positive(int), default=1,
+                      help="micro-batches per optimisation step; --batch-size must split into processes x this")
+    dist.add_argument("--dist-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+                      help="seconds a process waits for the others in a collective before the run fails")
     return parser
 
 
@@ -122,13 +131,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup=args.warmup, augment=args.augment, augment_ops=ops, face_crops=args.face_crops,
         gate_config=args.gate_config, val_max=args.val_max, seed=args.seed, device=args.device, amp=not args.no_amp,
         save_every=args.save_every, save_dtype=args.save_dtype, resume=args.resume, max_steps=args.max_steps,
-        threads=args.threads, workers=max(0, args.workers),
+        threads=args.threads, workers=max(0, args.workers), accumulation=args.grad_accum,
+        timeout_s=args.dist_timeout, streaming=args.streaming, shuffle_buffer=args.shuffle_buffer,
     )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = launched_rank()  # processes other than the first log only warnings and errors, tagged with their rank
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s {f'[process {rank}] ' if rank else ''}%(name)s: %(message)s")
     trainer = None
     try:
         trainer = Trainer(config_from_args(args))
@@ -138,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if trainer is not None:
-            trainer.save_state()
+            trainer.save_state(collective=False)  # the main process writes it; the others may be gone already
             log.warning("interrupted at step %d; state saved, continue with --resume", trainer.step)
         return 130
     log.info("done at step %d; checkpoints in %s (best, last); final metrics %s", trainer.step, args.out, metrics)

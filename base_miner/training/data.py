@@ -9,6 +9,10 @@ folder with `real/` and `fake/` sub-folders, or a hub id; SPLIT is a `datasets` 
 `train`, `train[:90%]` or `validation[-500:]` (default `train`). Selectors `KEY=VALUE` (KEY one of source,
 generator, label) pick rows by metadata: after `?` they keep only the matching rows (any selector matching);
 the trainer's `--holdout` selectors remove the matching rows from training and validate on them instead.
+Clip datasets (a folder with `metadata.csv`, or a dataset with a `video` column) load as one TALL grid image per
+clip (`base_miner/training/clip_data.py`), so training and the arena report per clip.
+A dataset without a `label` column (many public real collections) is read when the spec's only selector is
+`label=0` (or `label=1`): the selector then states every row's label.
 """
 
 import logging
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from base_miner.training.clip_data import clip_column, clips_to_grids, is_clip_folder, load_clip_folder
 from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_cell
 
 __all__ = [
@@ -151,19 +156,39 @@ def _load_imagefolder(path: Path, split: str):
     ).cast_column("image", ImageFeature(decode=False))
 
 
+def _declared_label(spec: DatasetSpec) -> int | None:
+    """The label every row has when the spec's only selectors are `label=V` (one V), else None."""
+    values = {selector.value for selector in spec.selectors if selector.key == "label"}
+    if spec.selectors and len(values) == 1 and all(selector.key == "label" for selector in spec.selectors):
+        return int(values.pop())
+    return None
+
+
 def _normalise(ds, spec: DatasetSpec):
     """Undecoded `image`, int `label` in {0, 1}, string `source`/`generator` (filled when the dataset lacks them)."""
     from datasets import Image as ImageFeature
 
+    declared = _declared_label(spec)
+    if "label" not in ds.column_names and "image" in ds.column_names and declared is not None:
+        # Many public real collections (the validators' own sources among them) carry no label column: the spec's
+        # `?label=0` then states what every row is, instead of selecting rows.
+        ds = ds.add_column("label", [declared] * len(ds))
     missing = {"image", "label"} - set(ds.column_names)
     if missing:
-        raise DataError(f"dataset {spec.name!r} lacks the column(s) {sorted(missing)} (has {ds.column_names})")
+        hint = " (a dataset of only real or only generated images: add ?label=0 or ?label=1)"
+        hint = hint if missing == {"label"} else ""
+        raise DataError(f"dataset {spec.name!r} lacks the column(s) {sorted(missing)} (has {ds.column_names}){hint}")
     ds = ds.cast_column("image", ImageFeature(decode=False))
     if "source" not in ds.column_names:
         ds = ds.add_column("source", [spec.name] * len(ds))
     if "generator" not in ds.column_names:
         ds = ds.add_column("generator", [""] * len(ds))
-    ds = ds.select_columns(list(COLUMNS))
+    # An optional per-pixel `mask` (PNG, bitmind.mask_codec) rides along for detectors that learn where the
+    # generated pixels are (base_miner/training/mask_pairs.py).
+    if "mask" in ds.column_names:
+        ds = ds.cast_column("mask", ImageFeature(decode=False)).select_columns([*COLUMNS, "mask"])
+    else:
+        ds = ds.select_columns(list(COLUMNS))
     labels = np.asarray(ds["label"])
     if labels.size and not np.isin(labels, (0, 1)).all():
         raise DataError(f"dataset {spec.name!r}: label must be 0 (real) or 1 (AI-generated), found {np.unique(labels)}")
@@ -179,6 +204,8 @@ def load_spec(spec: DatasetSpec | str):
     try:
         if _is_imagefolder(path):
             ds = _load_imagefolder(path, spec.split)
+        elif is_clip_folder(path):
+            ds = load_clip_folder(path, spec.split)
         elif path.exists():
             files = _parquet_files(path)
             if not files:
@@ -192,6 +219,8 @@ def load_spec(spec: DatasetSpec | str):
         raise
     except Exception as exc:  # datasets raises many types (FileNotFound, hub, split syntax); all mean "no rows"
         raise DataError(f"cannot load dataset {spec.location!r} split {spec.split!r}: {type(exc).__name__}: {exc}") from exc
+    if clip_column(ds.column_names):  # a clip dataset: each clip becomes its TALL grid image
+        ds = clips_to_grids(ds, clip_column(ds.column_names), spec.name)
     ds = _normalise(ds, spec)
     return select(ds, spec.selectors) if spec.selectors else ds
 

@@ -4,6 +4,9 @@ per-epoch validation with the arena's metrics, best/last checkpoints and exact r
 Determinism: the model is initialised from `seed`; epoch `e` draws its sample plan from `(seed, e)` and sample
 `k` of it is augmented from `(seed, e, k)`, so a run is reproduced by its seed, and a resumed run (which restores
 weights, optimizer, scheduler, scaler and torch's RNG) continues exactly where the interrupted one stopped.
+
+Several processes (`accelerate launch`, see `distributed.py`) share every global step of that same plan, so the
+samples and the averaged gradient do not depend on how many processes train, and a run resumes on any number.
 """
 
 import inspect
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -38,7 +42,17 @@ from base_miner.training.data import (
     select,
     stratified_subset,
 )
-from bitmind.atomic import atomic_writer
+from base_miner.training.distributed import (
+    DEFAULT_TIMEOUT_S,
+    LossModule,
+    check_consistent,
+    make_accelerator,
+    micro_batch_size,
+    process_positions,
+)
+from base_miner.training.mask_pairs import PairedAugment, accepts_masks, align_mask_columns, row_mask
+from base_miner.training.streaming import StreamReader, StreamSamples, method_index, open_stream, process_part
+from bitmind.atomic import atomic_write_bytes, atomic_writer
 from bitmind.image_codec import ImageDecodeError
 
 __all__ = ["STATE_FILE", "TrainConfig", "Trainer", "random_crop"]
@@ -80,6 +94,10 @@ class TrainConfig:
     max_steps: int | None = None
     threads: int | None = None
     workers: int = 0
+    accumulation: int = 1
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    streaming: bool = False
+    shuffle_buffer: int = 1000
 
 
 def random_crop(image: Image.Image, size: int, rng: np.random.Generator, mode: str) -> Image.Image:
@@ -94,25 +112,27 @@ def random_crop(image: Image.Image, size: int, rng: np.random.Generator, mode: s
 class _PlannedSamples(torch.utils.data.Dataset):
     """Sample `k` of an epoch plan: decoded, augmented from `(seed, epoch, k)`, cropped and normalised."""
 
-    def __init__(self, trainer: "Trainer", plan: np.ndarray, epoch: int, offset: int) -> None:
-        self.trainer, self.plan, self.epoch, self.offset = trainer, plan, epoch, offset
+    def __init__(self, trainer: "Trainer", plan: np.ndarray, epoch: int, positions: np.ndarray) -> None:
+        self.trainer, self.plan, self.epoch, self.positions = trainer, plan, epoch, positions
 
     def __len__(self) -> int:
-        return len(self.plan) - self.offset
+        return len(self.positions)
 
     def __getitem__(self, k: int):
-        position = self.offset + k
+        position = int(self.positions[k])
         row = int(self.plan[position])
         return self.trainer.training_sample(row, np.random.default_rng([self.trainer.config.seed, self.epoch, position]))
 
 
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """Stack the readable samples; unreadable ones (None) are dropped and counted."""
+def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
+    """Stack the readable samples (and their masks, when samples carry one); unreadable ones (None) are dropped
+    and counted."""
     good = [item for item in items if item is not None]
     if not good:
         return None
-    tensors, labels, methods = zip(*good)
-    return torch.stack(tensors), torch.tensor(labels), torch.tensor(methods), len(items) - len(good)
+    tensors, labels, methods, *masks = zip(*good)
+    masks = torch.stack([torch.from_numpy(mask) for mask in masks[0]]) if masks else None
+    return torch.stack(tensors), torch.tensor(labels), torch.tensor(methods), len(items) - len(good), masks
 
 
 class Trainer:
@@ -124,38 +144,54 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
+        self.accelerator = make_accelerator(config.device, config.amp, config.accumulation, config.timeout_s)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.world > 1 and config.device:
+            raise ConfigError("--device is set by the launcher under accelerate launch / torchrun; drop it")
+        self.micro_batch = micro_batch_size(config.batch_size, self.world, config.accumulation)
         self.detector = self._build_detector()
         self.device = self.detector.torch_device
         self.crop_size = config.crop_size or self.detector.settings.image_size
         self.augment = TrainAugment(config.augment, config.augment_ops)
+        # Detectors that learn a generated-pixel map get each image with its mask, transformed together.
+        self.paired = PairedAugment(config.augment, config.augment_ops) if accepts_masks(self.detector) else None
         self._mean = torch.tensor(self.detector.settings.mean).view(3, 1, 1)
         self._std = torch.tensor(self.detector.settings.std).view(3, 1, 1)
         self.gate = build_gate(load_config(config.gate_config).get("gate") or "face") if config.face_crops else None
-        self.train_rows, self.val_sets = self._load_data()
-        self._index = self._row_index(self.train_rows)
-        self.weights = balanced_weights(zip(self._index["dataset"], self._index["label"]))
-        self.methods = self._method_indices()
-        samples = config.samples_per_epoch or len(self.weights)
+        self.streams = None  # with --streaming: [(name, this process's shuffled part of the stream)]
+        self._reader: StreamReader | None = None  # reads self.streams for the whole run
+        self._reader_state: dict | None = None  # where a resumed run's reader starts
+        if config.streaming:
+            self.streams, self.val_sets = self._open_streams()
+            samples = config.samples_per_epoch
+        else:
+            self.train_rows, self.val_sets = self._load_everywhere()
+            self._index = self._row_index(self.train_rows)
+            self.weights = balanced_weights(zip(self._index["dataset"], self._index["label"]))
+            self.methods = self._method_indices()
+            samples = config.samples_per_epoch or len(self.weights)
         self.steps_per_epoch = max(1, math.ceil(samples / config.batch_size))
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.optimizer = torch.optim.AdamW(
-            self.detector.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        optimizer = torch.optim.AdamW(self.detector.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.warmup_steps = round(config.warmup * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.amp = config.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # The schedule counts global steps itself (accelerate's prepared scheduler would step once per process).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        # Wrapped for data parallelism (DDP when launched on several processes; checkpoints read the unwrapped
+        # detector, so sharded FSDP is not supported), fp16 autocast and loss scaling on CUDA.
+        self.train_model, self.optimizer = self.accelerator.prepare(LossModule(self.detector), optimizer)
         self.step = 0
+        self._micro_losses: list[float] = []
         self.best_score = -math.inf
         self.losses: list[float] = []
         self.unreadable = 0
         self._val_cache: dict[str, tuple[list[Image.Image], list[int], int]] = {}
         if config.resume:
-            self._load_state()
+            self._resume_everywhere()
 
     # --- setup -------------------------------------------------------------------------------------------------
     def _build_detector(self) -> TorchDetector:
-        detector = build_detector(self.config.detector, device=self.config.device, **self.config.overrides)
+        device = self.config.device or (str(self.accelerator.device) if self.world > 1 else None)
+        detector = build_detector(self.config.detector, device=device, **self.config.overrides)
         if not isinstance(detector, TorchDetector):
             raise ConfigError(
                 f"{detector.name} is not a trainable (torch) detector; train its experts' configs instead"
@@ -170,11 +206,28 @@ class Trainer:
             raise DataError(f"the face gate found no face in {name!r}; the face expert has nothing to train on")
         return crops
 
+    def _load_everywhere(self):
+        """`_load_data` on every process (the main one first, so a hub dataset is downloaded once into the shared
+        cache); a process that cannot read its data stops all of them with its reason instead of leaving the
+        others waiting, and processes that see different rows (other files on another machine) are refused."""
+        loaded, error = None, None
+        with self.accelerator.main_process_first():
+            try:
+                loaded = self._load_data()
+            except (DataError, ConfigError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        summary = None
+        if loaded is not None:
+            train, val_sets = loaded
+            summary = (len(train), int(np.sum(train["label"])), [(name, len(ds)) for name, ds in val_sets])
+        check_consistent(self.accelerator, error, summary, "the data (training rows, fakes, validation rows)")
+        return loaded
+
     def _load_data(self):
         from datasets import concatenate_datasets
 
         selectors = [parse_selector(text) for text in self.config.holdout]
-        train_parts, val_sets, held = [], [], []
+        train_parts, held = [], []
         for index, text in enumerate(self.config.train):
             spec = DatasetSpec.parse(text)
             ds = load_spec(spec)
@@ -186,18 +239,50 @@ class Trainer:
             kept = self._prepare(kept, spec.name)
             train_parts.append(kept.add_column("dataset", [index] * len(kept)))
             log.info("train %s: %d rows (%d real, %d fake)", spec.name, len(kept), *self._counts(kept))
-        for text in self.config.val:
-            spec = DatasetSpec.parse(text)
-            val_sets.append((spec.name, load_spec(spec)))
+        return concatenate_datasets(align_mask_columns(train_parts)), self._val_sets(held)
+
+    def _val_sets(self, held: list) -> list:
+        """The --val sets and (as `holdout`) the held-out rows, each capped at --val-max (stratified, seeded)."""
+        from datasets import concatenate_datasets
+
+        val_sets = [(DatasetSpec.parse(text).name, load_spec(text)) for text in self.config.val]
         held = [ds for ds in held if len(ds)]
         if held:
-            val_sets.append(("holdout", concatenate_datasets(held)))
+            val_sets.append(("holdout", concatenate_datasets(align_mask_columns(held))))
         prepared = []
         for name, ds in val_sets:
             ds = self._prepare(stratified_subset(ds, self.config.val_max, self.config.seed), name)
             log.info("val %s: %d rows (%d real, %d fake)", name, len(ds), *self._counts(ds))
             prepared.append((name, ds))
-        return concatenate_datasets(train_parts), prepared
+        return prepared
+
+    def _open_streams(self):
+        """--streaming: every process opens its part of each training stream and checks it holds a row; the
+        validation sets load as usual. A process whose part is empty or unreadable stops all with its reason."""
+        config = self.config
+        uses = {"--holdout": config.holdout, "--face-crops": config.face_crops,
+                "a mask-learning detector": self.paired is not None}  # fmt: skip
+        unsupported = [name for name, used in uses.items() if used]
+        if unsupported:
+            raise ConfigError(f"--streaming does not work with {', '.join(unsupported)}; train on map-style data")
+        if not config.samples_per_epoch:
+            raise ConfigError("--streaming needs --samples-per-epoch: a stream has no length to make an epoch of")
+        streams, val_sets, error = [], [], None
+        with self.accelerator.main_process_first():
+            try:
+                for text in config.train:
+                    spec = DatasetSpec.parse(text)
+                    part = process_part(open_stream(spec), self.rank, self.world)
+                    if next(iter(part), None) is None:
+                        raise DataError(f"its part of {spec.name!r} holds no row (fewer rows than processes?)")
+                    streams.append((spec.name, part.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)))
+                    log.info("train %s: streamed, this process's part of %d", spec.name, self.world)
+                val_sets = self._val_sets([])
+            except (DataError, ConfigError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        summary = [(name, len(ds)) for name, ds in val_sets]
+        check_consistent(self.accelerator, error, summary, "the validation data")
+        return streams, val_sets
 
     @staticmethod
     def _counts(ds) -> tuple[int, int]:
@@ -239,8 +324,31 @@ class Trainer:
         except ImageDecodeError as exc:
             log.warning("skipping unreadable training row %d: %s", row, exc)
             return None
+        label = int(self._index["label"][row])
+        if self.paired is not None:
+            try:
+                mask = row_mask(self.train_rows[row].get("mask"), image.size, label)
+            except ImageDecodeError as exc:
+                log.warning("skipping training row %d with an unusable mask: %s", row, exc)
+                return None
+            image, mask = self.paired(image, mask, self.crop_size, rng)
+            return self._to_tensor(image), label, int(self.methods[row]), mask
+        return self._augmented(image, rng), int(self._index["label"][row]), int(self.methods[row])
+
+    def _augmented(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         image = random_crop(self.augment(image, rng), self.crop_size, rng, self.detector.settings.resize_mode)
-        return self._to_tensor(image), int(self._index["label"][row]), int(self.methods[row])
+        return self._to_tensor(image)
+
+    def stream_sample(self, row: dict, rng: np.random.Generator):
+        """(tensor, label, method) for one streamed row, or None when its image is unreadable."""
+        try:
+            image = decode_row_image(row["image"])
+        except ImageDecodeError as exc:
+            log.warning("skipping an unreadable streamed row of %s: %s", row["source"], exc)
+            return None
+        label = int(row["label"])
+        classes = getattr(self.detector.settings, "num_methods", 2)
+        return self._augmented(image, rng), label, method_index(row["generator"], label, classes)
 
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """The rows epoch `epoch` trains on, drawn with class- and dataset-balanced weights from `(seed, epoch)`."""
@@ -248,37 +356,59 @@ class Trainer:
         return rng.choice(len(self.weights), size=self.steps_per_epoch * self.config.batch_size, p=self.weights)
 
     # --- training ----------------------------------------------------------------------------------------------
-    def _loss(self, batch: torch.Tensor, labels: torch.Tensor, methods: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, batch: torch.Tensor, labels: torch.Tensor, methods: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         extras = {}
         if "methods" in inspect.signature(self.detector.training_loss).parameters:
             extras["methods"] = methods
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            return self.detector.training_loss(batch, labels, **extras)
+        if masks is not None:
+            extras["masks"] = masks
+        with self.accelerator.autocast():  # fp16 on CUDA with --amp, a no-op on CPU
+            return self.train_model(batch, labels, **extras)  # detector.training_loss, through the DDP wrapper
 
-    def train_step(self, batch: torch.Tensor, labels: torch.Tensor, methods: torch.Tensor) -> float:
-        """One optimisation step; returns the loss."""
+    def train_step(
+        self, batch: torch.Tensor, labels: torch.Tensor, methods: torch.Tensor, masks: torch.Tensor | None = None,
+        weight: float = 1.0, dropped: int = 0,
+    ) -> float:
+        """One micro-batch (the whole step unless --grad-accum): forward, backward, and the optimizer update once
+        the step's micro-batches are in; returns the loss averaged over processes.
+
+        `weight` 0 marks a stand-in for a micro-batch without one readable image: the process still joins the
+        gradient exchange (others would wait for it) but adds nothing. `dropped` counts its unreadable samples.
+        """
         self.detector.model.train()
         batch = batch.to(self.device, non_blocking=True)
-        loss = self._loss(batch, labels.to(self.device), methods.to(self.device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {self.step}; lower --lr or check the data")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
-        value = float(loss.detach())
-        self.losses.append(value)
+        masks = masks.to(self.device) if masks is not None else None
+        with self.accelerator.accumulate(self.train_model):
+            loss = self._loss(batch, labels.to(self.device), methods.to(self.device), masks)
+            local = torch.tensor([float(loss.detach()) * weight, weight, dropped], device=self.device)
+            total = self.accelerator.reduce(local, "sum")  # every process gets the same sums: same decisions
+            value = float(total[0] / total[1]) if total[1] > 0 else 0.0
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {self.step}; lower --lr or check the data")
+            self.unreadable += int(total[2])
+            self.accelerator.backward(loss * weight)
+            self.optimizer.step()  # skipped by accelerate until the step's last micro-batch
+            self.optimizer.zero_grad(set_to_none=True)
+        self._micro_losses.append(value)
+        if self.accelerator.sync_gradients:
+            self.scheduler.step()
+            self.step += 1
+            value = float(np.mean(self._micro_losses))
+            self._micro_losses.clear()
+            self.losses.append(value)
         return value
 
     def fit(self) -> dict[str, Any]:
         """Train until `epochs` are done (or `max_steps`, an interruption on purpose); returns the last metrics."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        if self.accelerator.is_main_process:
+            atomic_write_bytes(self.out / "train_config.json", json.dumps(asdict(self.config), indent=2).encode())
         log.info(
-            "training %s: %d rows, %d steps/epoch x %d epochs, batch %d, crop %d², lr %g, augment %.2f, device %s",
-            self.detector.name, len(self.weights), self.steps_per_epoch, self.config.epochs, self.config.batch_size,
+            "training %s: %s rows, %d steps/epoch x %d epochs, batch %d (%d process(es) x %d accumulation x %d), "
+            "crop %d², lr %g, augment %.2f, device %s",
+            self.detector.name, "streamed" if self.streams else len(self.weights), self.steps_per_epoch,
+            self.config.epochs, self.config.batch_size, self.world, self.config.accumulation, self.micro_batch,
             self.crop_size, self.config.lr, self.config.augment, self.device,
         )  # fmt: skip
         metrics: dict[str, Any] = {}
@@ -294,30 +424,51 @@ class Trainer:
         return metrics
 
     def _train_epoch(self, epoch: int, in_epoch: int) -> None:
-        size = self.config.batch_size
-        samples = _PlannedSamples(self, self.epoch_plan(epoch), epoch, in_epoch * size)
-        loader = DataLoader(samples, batch_size=size, collate_fn=_collate, num_workers=self.config.workers)
+        end = self.steps_per_epoch
+        if self.config.max_steps is not None:
+            end = min(end, self.config.max_steps - epoch * self.steps_per_epoch)
+        positions = process_positions(in_epoch, end, self.config.batch_size, self.world, self.rank,
+                                      self.config.accumulation)  # fmt: skip
+        if self.streams is None:
+            samples, workers = _PlannedSamples(self, self.epoch_plan(epoch), epoch, positions), self.config.workers
+        else:  # one reader per process: DataLoader workers would each read the whole stream
+            if self._reader is None:
+                self._reader = StreamReader(self.streams, self.config.seed, self.rank, self._reader_state)
+            samples, workers = StreamSamples(self, self._reader, epoch, positions), 0
+        loader = DataLoader(samples, batch_size=self.micro_batch, collate_fn=_collate, num_workers=workers)
         bar = tqdm(
-            loader, total=self.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-            leave=False, unit="step",
+            total=self.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            leave=False, unit="step", disable=not self.accelerator.is_main_process,
         )  # fmt: skip
-        started, seen = time.perf_counter(), 0
-        for item in bar:
-            if item is not None:
-                batch, labels, methods, dropped = item
-                self.unreadable += dropped
-                loss = self.train_step(batch, labels, methods)
-                seen += len(batch)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        started, seen, first = time.perf_counter(), 0, self.step
+        for item in loader:
+            if item is None:  # no readable image: a weightless stand-in keeps this process in the exchange
+                loss = self.train_step(*self._stand_in(), weight=0.0, dropped=self.micro_batch)
             else:
-                self.unreadable += size
-                self.step += 1  # a batch of only unreadable images still counts, so plans stay aligned
-                self.scheduler.step()
-            if self.step % self.config.save_every == 0:
-                self.save_state()
-            if self.config.max_steps is not None and self.step >= self.config.max_steps:
-                break
+                batch, labels, methods, dropped, masks = item
+                loss = self.train_step(batch, labels, methods, masks, dropped=dropped)
+                seen += len(batch)
+            if self.accelerator.sync_gradients:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+                if self.step % self.config.save_every == 0:
+                    self.save_state()
         bar.close()
+        self._log_throughput(epoch, seen, time.perf_counter() - started, self.step - first)
+
+    def _stand_in(self) -> tuple:
+        """A one-image micro-batch (zeros) shaped like a real one, masks included when the detector takes them."""
+        side = self.crop_size
+        item = (torch.zeros(3, side, side), 0, 0, *((np.zeros((side, side), np.float32),) if self.paired else ()))
+        batch, labels, methods, _, masks = _collate([item])
+        return batch, labels, methods, masks
+
+    def _log_throughput(self, epoch: int, seen: int, seconds: float, steps: int) -> None:
+        """Images/s of every process and in total, one line (a collective: every process calls it)."""
+        rates = gather_object([seen / seconds if seconds > 0 else 0.0])
+        per_process = ", ".join(f"{rate:.1f}" for rate in rates)
+        log.info("epoch %d: %d steps in %.1f s, %.1f images/s in total (per process: %s)",
+                 epoch + 1, steps, seconds, sum(rates), per_process)  # fmt: skip
 
     def _end_epoch(self, epoch: int) -> dict[str, Any]:
         window = self.losses[-self.steps_per_epoch :]
@@ -326,13 +477,15 @@ class Trainer:
                    "val": self.validate()}  # fmt: skip
         scores = [m["mcc"] for m in metrics["val"].values() if m.get("mcc") is not None]
         score = float(np.mean(scores)) if scores else -float(metrics["loss"] or 0.0)
-        self.save_weights(self.out / "last")
-        if score > self.best_score:
-            self.best_score = score
-            self.save_weights(self.out / "best")
+        improved = score > self.best_score
+        self.best_score = max(self.best_score, score)
         metrics["best_score"] = self.best_score
-        with (self.out / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        if self.accelerator.is_main_process:  # one writer; every file replaced atomically
+            self.save_weights(self.out / "last")
+            if improved:
+                self.save_weights(self.out / "best")
+            previous = (self.out / METRICS_FILE).read_bytes() if (self.out / METRICS_FILE).is_file() else b""
+            atomic_write_bytes(self.out / METRICS_FILE, previous + (json.dumps(metrics) + "\n").encode())
         summary = " | ".join(
             f"{name}: acc {m['accuracy']:.3f} mcc {m['mcc']:.3f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
             for name, m in metrics["val"].items()
@@ -347,7 +500,8 @@ class Trainer:
     def _val_images(self, name: str, ds) -> tuple[list[Image.Image], list[int], int]:
         if name not in self._val_cache:
             images, labels, unreadable = [], [], 0
-            for cell, label in zip(ds["image"], ds["label"]):
+            share = range(self.rank, len(ds), self.world)  # this process's shard; `validate` gathers them
+            for cell, label in zip(ds[share]["image"], ds[share]["label"]):
                 try:
                     images.append(decode_row_image(cell))
                     labels.append(int(label))
@@ -357,13 +511,15 @@ class Trainer:
         return self._val_cache[name]
 
     def validate(self) -> dict[str, dict[str, Any]]:
-        """Arena metrics of the current model on every validation set."""
+        """Arena metrics of the current model on every validation set, each process predicting its shard."""
         results = {}
         self.detector.model.eval()
         for name, ds in self.val_sets:
             images, labels, unreadable = self._val_images(name, ds)
-            probabilities = self.detector.predict(images)
-            results[name] = {**binary_metrics(labels, probabilities), "unreadable": unreadable}
+            shards = gather_object([(labels, self.detector.predict(images), unreadable)])
+            labels = [label for shard in shards for label in shard[0]]
+            probabilities = [p for shard in shards for p in shard[1]]
+            results[name] = {**binary_metrics(labels, probabilities), "unreadable": sum(s[2] for s in shards)}
         self.detector.model.train()
         return results
 
@@ -377,14 +533,25 @@ class Trainer:
         }
         return save_checkpoint(folder, self.detector.export_config(), state)
 
-    def save_state(self) -> None:
-        """Everything a resume needs, written atomically (a crash mid-write keeps the previous state)."""
+    def save_state(self, collective: bool = True) -> None:
+        """Everything a resume needs, written atomically by the main process (a crash mid-write keeps the previous
+        state). Positions are global steps, so a run may resume on another number of processes. Streamed runs also
+        keep every process's stream position, gathered unless `collective` is False (an interrupted run, whose
+        processes may no longer answer; its streams then start over on resume)."""
+        streams = None
+        if self._reader is not None and collective:
+            streams = gather_object([self._reader.state()])
+        if not self.accelerator.is_main_process:
+            return
+        scaler = self.accelerator.scaler
         state = {
             "step": self.step,
             "model": self.detector.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "world_size": self.world,
+            "streams": streams,
             "torch_rng": torch.get_rng_state(),
             "best_score": self.best_score,
             "losses": self.losses,
@@ -413,8 +580,27 @@ class Trainer:
         self.detector.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.accelerator.scaler is not None and state["scaler"]:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.best_score = int(state["step"]), float(state["best_score"])
         self.losses, self.unreadable = list(state["losses"]), int(state["unreadable"])
-        log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
+        log.info("resumed %s at step %d of %d (saved by %s process(es), now %d)", self.out, self.step,
+                 self.total_steps, state.get("world_size", 1), self.world)  # fmt: skip
+        if self.streams is not None:
+            positions = state.get("streams")
+            if positions and len(positions) == self.world:
+                self._reader_state = positions[self.rank]
+            else:
+                log.warning("the streams start over: the state holds no stream position for %d process(es)", self.world)
+
+    def _resume_everywhere(self) -> None:
+        """`_load_state` on every process; all stop when one cannot read the state or finds another step (its
+        machine does not see the run folder)."""
+        error = None
+        try:
+            self._load_state()
+        except ConfigError as exc:
+            error = str(exc)
+        check_consistent(self.accelerator, error, self.step, "the step to resume from (is --out on storage every "
+                         "machine shares?)")  # fmt: skip

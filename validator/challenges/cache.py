@@ -1,12 +1,16 @@
-"""On-disk image cache shared between processes: one writer (generator or real-data filler), many readers.
+"""On-disk image cache shared between processes: any number of writers (one generator worker per GPU, or the
+real-data filler) and many readers.
 
-Layout: every item is an image file `<stem>.png|.jpg` plus a JSON sidecar `<stem>.json`. Stems start with the
+Layout: every item is an image file `<stem>.png|.jpg` plus a JSON sidecar `<stem>.json`, and for a partly generated
+(semi-synthetic) image its per-pixel mask `<stem>.mask.png` (`bitmind.mask_codec`). Stems start with the
 creation time in nanoseconds, so name order is age order. Writes are atomic (`bitmind.atomic`: a hidden temp file in
 the same folder, fsync, `os.replace`), image first and sidecar last: an item exists iff its sidecar exists, and a reader
 never sees half an item. Eviction removes the sidecar first for the same reason. Readers skip, warn about and
 remove broken items (unreadable sidecar, missing or undecodable image) instead of failing.
 """
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -14,6 +18,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +29,15 @@ from PIL import Image
 from bitmind.atomic import atomic_write_bytes, temp_target
 from bitmind.image_codec import DecodeLimits, decode_bytes, to_rgb
 from bitmind.json_safe import json_safe
+from bitmind.mask_codec import mask_from_png, mask_to_png
 
 __all__ = ["CacheItem", "ImageCache"]
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".json"
+LOCK_NAME = ".writers.lock"  # hidden: listings and the orphan sweep skip it
+MASK_SUFFIX = ".mask.png"
 FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "jpg": ("JPEG", ".jpg")}
 # Temp files and sidecar-less images younger than this may belong to a writer that is mid-`put`.
 ORPHAN_GRACE_S = 600.0
@@ -50,10 +58,12 @@ class CacheItem:
     image_path: Path | None  # None for a broken item whose image is gone
     sidecar_path: Path
     nbytes: int
+    mask_path: Path | None = None  # the generated-pixel mask of a semi-synthetic item
 
 
 class ImageCache:
-    """A size-capped folder of images with JSON metadata, safe for one writer and concurrent readers.
+    """A size-capped folder of images with JSON metadata, safe for concurrent writers and readers (unique stems,
+    atomic files, eviction under a lock).
 
     `max_bytes` / `max_items` cap what `put` leaves behind (oldest items are evicted first); readers never
     evict, so a reader may open the cache with the default caps.
@@ -111,9 +121,11 @@ class ImageCache:
                 continue
             stem = name[: -len(SIDECAR_SUFFIX)]
             image_name = next((stem + ext for _, ext in FORMATS.values() if stem + ext in sizes), None)
-            nbytes = sizes[name] + (sizes[image_name] if image_name else 0)
+            mask_name = stem + MASK_SUFFIX if stem + MASK_SUFFIX in sizes else None
+            nbytes = sizes[name] + (sizes[image_name] if image_name else 0) + (sizes[mask_name] if mask_name else 0)
             image_path = self.root / image_name if image_name else None
-            items.append(CacheItem(stem, image_path, self.root / name, nbytes))
+            mask_path = self.root / mask_name if mask_name else None
+            items.append(CacheItem(stem, image_path, self.root / name, nbytes, mask_path))
         return items
 
     def total_bytes(self) -> int:
@@ -130,10 +142,19 @@ class ImageCache:
         return total + total / len(items) > self.max_bytes
 
     # ------------------------------------------------------------------ writing
-    def put(self, image: Image.Image, metadata: dict[str, Any], fmt: str = "png", quality: int = 95) -> Path:
+    def put(
+        self,
+        image: Image.Image,
+        metadata: dict[str, Any],
+        fmt: str = "png",
+        quality: int = 95,
+        mask: np.ndarray | None = None,
+    ) -> Path:
         """Store `image` (converted to RGB) with `metadata`; returns the image path. Evicts oldest items after.
 
-        Raises ValueError for an unknown format, non-JSON-serialisable metadata or an item larger than the cap.
+        `mask`: for a partly generated image, its [H, W] map in [0, 1] of generated pixels (stored as a PNG beside
+        the image). Raises ValueError for an unknown format, non-JSON-serialisable metadata, a mask that is not
+        the image's size or not in [0, 1], or an item larger than the cap.
         """
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
@@ -144,6 +165,11 @@ class ImageCache:
         except KeyError:
             raise ValueError(f"unknown image format {fmt!r}; use one of {sorted(FORMATS)}") from None
         image = to_rgb(image)
+        mask_bytes = b""
+        if mask is not None:
+            if np.shape(mask) != (image.height, image.width):
+                raise ValueError(f"mask of shape {np.shape(mask)} does not fit a {image.width}x{image.height} image")
+            mask_bytes = mask_to_png(mask)
         stem = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         sidecar = {
             "image": stem + ext,
@@ -152,34 +178,56 @@ class ImageCache:
             "height": image.height,
             "metadata": metadata,
         }
+        if mask is not None:
+            sidecar["mask"] = stem + MASK_SUFFIX
         try:
             sidecar_bytes = json.dumps(json_safe(sidecar), allow_nan=False).encode("utf-8")
         except TypeError as exc:
             raise ValueError(f"metadata cannot be stored as JSON: {exc}") from exc
         buffer = _encode(image, pil_format, quality)
-        if len(buffer) + len(sidecar_bytes) > self.max_bytes:
-            raise ValueError(
-                f"item of {len(buffer) + len(sidecar_bytes)} bytes is larger than the cache cap of {self.max_bytes}"
-            )
+        item_bytes = len(buffer) + len(sidecar_bytes) + len(mask_bytes)
+        if item_bytes > self.max_bytes:
+            raise ValueError(f"item of {item_bytes} bytes is larger than the cache cap of {self.max_bytes}")
         image_path = self.root / (stem + ext)
-        atomic_write_bytes(image_path, buffer)
+        mask_path = self.root / (stem + MASK_SUFFIX)
         try:
+            if mask_bytes:
+                atomic_write_bytes(mask_path, mask_bytes)
+            atomic_write_bytes(image_path, buffer)
             atomic_write_bytes(self.root / (stem + SIDECAR_SUFFIX), sidecar_bytes)
         except BaseException:
             image_path.unlink(missing_ok=True)
+            mask_path.unlink(missing_ok=True)
             raise
         self.evict()
         return image_path
 
     def _remove(self, stem: str, image_name: str | None = None) -> None:
-        """Remove an item: sidecar first (the item vanishes atomically for readers), then its image."""
+        """Remove an item: sidecar first (the item vanishes atomically for readers), then its image and mask."""
         (self.root / (stem + SIDECAR_SUFFIX)).unlink(missing_ok=True)
         names = [image_name] if image_name else [stem + ext for _, ext in FORMATS.values()]
-        for name in names:
+        for name in [*names, stem + MASK_SUFFIX]:
             (self.root / name).unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """An exclusive lock shared by every process writing this folder (`flock` on a hidden lock file), so that
+        concurrent writers evict one after the other from a fresh listing instead of each removing its own share
+        of the same excess. The kernel drops the lock when a holder dies."""
+        with open(self.root / LOCK_NAME, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
     def evict(self) -> int:
-        """Remove oldest items until under both caps, and stale temp / orphan files; returns items removed."""
+        """Remove oldest items until under both caps, and stale temp / orphan files; returns items removed.
+        Runs under the folder's writer lock."""
+        with self._exclusive():
+            return self._evict_locked()
+
+    def _evict_locked(self) -> int:
         items = self.items()
         total = sum(item.nbytes for item in items)
         removed = 0
@@ -192,7 +240,9 @@ class ImageCache:
             log.debug("cache %s: evicted %d oldest items, %d left (%d bytes)", self.root, removed, len(items), total)
         if time.monotonic() - self._last_sweep > SWEEP_INTERVAL_S:
             self._last_sweep = time.monotonic()
-            self._remove_stale(keep={item.image_path.name for item in items if item.image_path})
+            self._remove_stale(
+                keep={path.name for item in items for path in (item.image_path, item.mask_path) if path}
+            )
         return removed
 
     def _remove_stale(self, keep: set[str]) -> None:
@@ -207,7 +257,8 @@ class ImageCache:
                 if not stale_candidate:
                     continue
                 try:
-                    if entry.stat().st_mtime < cutoff and not (self.root / (Path(name).stem + SIDECAR_SUFFIX)).exists():
+                    stem = name.split(".", 1)[0]  # stems hold no dot; a mask is <stem>.mask.png
+                    if entry.stat().st_mtime < cutoff and not (self.root / (stem + SIDECAR_SUFFIX)).exists():
                         Path(entry.path).unlink(missing_ok=True)
                 except FileNotFoundError:
                     continue
@@ -218,6 +269,11 @@ class ImageCache:
 
         The metadata is the dict given to `put`, plus `cache_item` (the item's stem).
         """
+        drawn = self.sample_with_mask(rng)
+        return None if drawn is None else drawn[:2]
+
+    def sample_with_mask(self, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any], np.ndarray | None] | None:
+        """As `sample`, plus the item's generated-pixel mask ([H, W] float32 in [0, 1]) or None if it has none."""
         stems = self._stems()
         for _ in range(SAMPLE_ATTEMPTS):
             if not stems:
@@ -230,7 +286,7 @@ class ImageCache:
         log.warning("cache %s: no readable item after %d attempts", self.root, SAMPLE_ATTEMPTS)
         return None
 
-    def _load(self, stem: str) -> tuple[Image.Image, dict[str, Any]] | None:
+    def _load(self, stem: str) -> tuple[Image.Image, dict[str, Any], np.ndarray | None] | None:
         sidecar_path = self.root / (stem + SIDECAR_SUFFIX)
         try:
             raw = sidecar_path.read_bytes()
@@ -240,8 +296,11 @@ class ImageCache:
             sidecar = json.loads(raw)
             image_name = sidecar["image"]
             metadata = sidecar["metadata"]
+            mask_name = sidecar.get("mask")
             if not isinstance(image_name, str) or Path(image_name).name != image_name or not isinstance(metadata, dict):
                 raise ValueError("bad 'image' or 'metadata' field")
+            if mask_name is not None and mask_name != stem + MASK_SUFFIX:
+                raise ValueError("bad 'mask' field")
         except (ValueError, KeyError, TypeError) as exc:
             self._discard(stem, None, f"corrupt sidecar ({exc})")
             return None
@@ -255,7 +314,20 @@ class ImageCache:
         except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
             self._discard(stem, image_name, f"unreadable image ({exc})")
             return None
-        return image, {**metadata, ITEM_KEY: stem}
+        mask = None
+        if mask_name is not None:
+            try:
+                mask = mask_from_png(
+                    (self.root / mask_name).read_bytes(), (image.height, image.width), self.max_bytes
+                )
+            except FileNotFoundError:
+                if sidecar_path.exists():
+                    self._discard(stem, image_name, "mask file missing")
+                return None
+            except (OSError, ValueError) as exc:  # MaskDecodeError is a ValueError
+                self._discard(stem, image_name, f"unreadable mask ({exc})")
+                return None
+        return image, {**metadata, ITEM_KEY: stem}, mask
 
     def _discard(self, stem: str, image_name: str | None, reason: str) -> None:
         log.warning("cache %s: removing broken item %s: %s", self.root, stem, reason)

@@ -14,7 +14,7 @@ shuffled with `stream_seed`, counted before the label filter; non-image scalar c
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ class RealImageSource:
         self.log_interval_s = log_interval_s
         per_source_bytes = max_bytes // len(specs)
         self._states = [
-            _SourceState(spec, ImageCache(self.cache_dir / spec.slug, per_source_bytes, items_per_source),
+            _SourceState(spec, self._new_cache(self.cache_dir / spec.slug, per_source_bytes, items_per_source),
                          Backoff(retry_base_s, retry_max_s))
             for spec in specs
         ]
@@ -127,6 +127,11 @@ class RealImageSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_log = time.monotonic()
+
+    @staticmethod
+    def _new_cache(root: Path, max_bytes: int, max_items: int) -> ImageCache:
+        """One source's cache (a subclass caching other media overrides this)."""
+        return ImageCache(root, max_bytes, max_items)
 
     @property
     def specs(self) -> list[DatasetSpec]:
@@ -211,7 +216,7 @@ class RealImageSource:
         while added < wanted and scanned < wanted * MAX_SCAN_PER_ITEM and not self._stop.is_set():
             if state.stream is None:
                 state.stream_seed = int(self._seeds.integers(2**31))
-                state.stream = enumerate(iter(state.spec.open_stream(state.stream_seed)))
+                state.stream = enumerate(iter(self._open_stream(state)))
                 state.pass_added = 0
             try:
                 position, row = next(state.stream)
@@ -225,21 +230,30 @@ class RealImageSource:
                 state.last_refresh = time.monotonic()
                 break
             scanned += 1
-            if state.spec.image_column not in row:
-                columns = sorted(row)
-                raise ValueError(f"{state.spec.id}: no column {state.spec.image_column!r}; columns are {columns}")
-            if not state.spec.accepts(row):
-                continue
-            try:
-                image = decode_row_image(row.get(state.spec.image_column), self.max_side)
-            except ImageDecodeError as exc:
-                state.bad_rows += 1
-                log.warning("real source %s: skipping row %d: %s", state.spec.id, position, exc)
-                continue
-            state.cache.put(image, self._metadata(state, position, row, image), fmt=self.image_format)
-            added += 1
-            state.pass_added += 1
+            if self._ingest(state, position, row):
+                added += 1
+                state.pass_added += 1
         return added
+
+    def _open_stream(self, state: _SourceState) -> Iterable[dict[str, Any]]:
+        """The rows of a source's next pass, shuffled with `state.stream_seed`."""
+        return state.spec.open_stream(state.stream_seed)
+
+    def _ingest(self, state: _SourceState, position: int, row: dict[str, Any]) -> bool:
+        """Decode one row into the source's cache; False (logged, counted) for a row that is filtered out or bad."""
+        if state.spec.image_column not in row:
+            columns = sorted(row)
+            raise ValueError(f"{state.spec.id}: no column {state.spec.image_column!r}; columns are {columns}")
+        if not state.spec.accepts(row):
+            return False
+        try:
+            image = decode_row_image(row.get(state.spec.image_column), self.max_side)
+        except ImageDecodeError as exc:
+            state.bad_rows += 1
+            log.warning("real source %s: skipping row %d: %s", state.spec.id, position, exc)
+            return False
+        state.cache.put(image, self._metadata(state, position, row, image), fmt=self.image_format)
+        return True
 
     def _metadata(self, state: _SourceState, position: int, row: dict[str, Any], image: Image.Image) -> dict[str, Any]:
         spec = state.spec

@@ -1,4 +1,4 @@
-"""Text-to-image models: the default list with per-model arguments, and a pool that keeps them loaded.
+"""Text-to-image and inpainting models: the default lists with per-model arguments, and a pool that keeps them loaded.
 
 Loading a diffusion model takes tens of seconds, so a model is loaded ONCE and kept while it fits in a memory
 budget (decided by `memory.plan_memory`); when a new one does not fit, the least recently used ones are dropped.
@@ -7,7 +7,11 @@ Under a swap plan `park()` moves the loaded pipelines to host RAM while the capt
 
 A model list is a comma-separated string of built-in names, hub ids (owner/name) and local pipeline folders, or a
 YAML file with a list of entries (a string like the above, or a mapping of `ModelSpec` fields; a mapping whose
-`name` is a built-in one and which gives no `path` overrides fields of that built-in entry), for example:
+`name` is a built-in one and which gives no `path` overrides fields of that built-in entry). Inpainting models
+(`task: inpainting`, default list `DEFAULT_INPAINT_MODELS`) share the pool, its budget and its LRU with the
+text-to-image ones; `inpaint()` regenerates the masked region of a real image. So do text-to-video models
+(`task: text-to-video`, default list `DEFAULT_VIDEO_MODELS`: Mochi 1, CogVideoX-5b, AnimateDiff-Lightning);
+`generate_video()` returns a clip's frames and frame rate. For example:
 
     - sdxl-base
     - name: flux-dev
@@ -25,19 +29,28 @@ import random
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bitmind.hub_id import is_hub_id
+from validator.generation.inpainting import composite, mask_area, work_size
 from validator.generation.memory import modules_gb
 
 __all__ = [
+    "DEFAULT_INPAINT_MODELS",
     "DEFAULT_MODELS",
+    "DEFAULT_VIDEO_MODELS",
+    "TEXT_TO_VIDEO",
+    "GeneratedClip",
+    "INPAINTING",
+    "TASKS",
+    "TEXT_TO_IMAGE",
     "DiffusionModelPool",
     "GeneratedImage",
     "ModelConfigError",
@@ -54,7 +67,18 @@ log = logging.getLogger(__name__)
 
 _DTYPES = ("float16", "bfloat16", "float32")
 # Arguments the pool sets itself; a model entry may not override them.
-_RESERVED_CALL_KWARGS = frozenset({"prompt", "generator", "height", "width", "output_type", "return_dict"})
+_RESERVED_CALL_KWARGS = frozenset(
+    {"prompt", "generator", "height", "width", "output_type", "return_dict", "image", "mask_image"}
+)
+TEXT_TO_IMAGE, INPAINTING, TEXT_TO_VIDEO = "text-to-image", "inpainting", "text-to-video"
+TASKS = (TEXT_TO_IMAGE, INPAINTING, TEXT_TO_VIDEO)
+# diffusers has no auto class for text-to-video: DiffusionPipeline reads the class from the folder's model_index.json.
+_DEFAULT_PIPELINE = {
+    TEXT_TO_IMAGE: "AutoPipelineForText2Image", INPAINTING: "AutoPipelineForInpainting", TEXT_TO_VIDEO: "DiffusionPipeline"
+}
+DEFAULT_CLIP_FPS = 8.0  # frame rate of a text-to-video model's clips when its entry names none
+# Working side of an inpainting model that names no resolution (the SD 1.x native size).
+DEFAULT_INPAINT_SIDE = 512
 
 
 class ModelConfigError(ValueError):
@@ -93,9 +117,11 @@ class RandomRange(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """One text-to-image model: where it lives, how to load it and how to call it."""
+    """One text-to-image or inpainting model: where it lives, how to load it and how to call it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(TEXT_TO_IMAGE, pattern=f"^({'|'.join(TASKS)})$", description="What the model does.")
 
     name: str = Field(pattern=r"^[\w.\-]+$", description="Short name used in logs and image metadata.")
     path: str = Field(min_length=1, description="Hub id (owner/name) or local folder saved with save_pretrained.")
@@ -114,6 +140,22 @@ class ModelSpec(BaseModel):
     resolution: int | tuple[int, int] | None = Field(None, description="Side, or (height, width), of the output.")
     scheduler: str | None = Field(None, pattern=r"^\w+Scheduler$", description="diffusers scheduler class to use.")
     vram_gb: float | None = Field(None, gt=0, description="Approximate memory needed, weights plus activations.")
+    scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Config overrides of `scheduler`.")
+    fps: float | None = Field(None, gt=0, le=120, description="Frame rate of a text-to-video model's clips.")
+    motion_adapter: str | None = Field(
+        None, min_length=1, description="AnimateDiff motion adapter: hub id or local folder, loaded beside `path`."
+    )
+    motion_adapter_file: str | None = Field(
+        None, pattern=r"^[\w.\-]+\.safetensors$", description="One weights file in `motion_adapter` (no config)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pipeline_for_task(cls, value: Any) -> Any:
+        """An entry that names only its task gets that task's auto pipeline."""
+        if isinstance(value, dict) and "pipeline" not in value and value.get("task") in _DEFAULT_PIPELINE:
+            return {**value, "pipeline": _DEFAULT_PIPELINE[value["task"]]}
+        return value
 
     @field_validator("load_kwargs")
     @classmethod
@@ -219,12 +261,82 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         vram_gb=10,
     ),
 )
-_DEFAULT_BY_NAME = {spec.name: spec for spec in DEFAULT_MODELS}
-_DEFAULT_BY_PATH = {spec.path: spec for spec in DEFAULT_MODELS}
+# Inpainting models of semi-synthetic challenges (the reference subnet's pair), arguments from their model cards.
+DEFAULT_INPAINT_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        task=INPAINTING,
+        name="sdxl-inpaint",
+        path="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+        pipeline="AutoPipelineForInpainting",
+        load_kwargs={"dtype": "float16", "variant": "fp16", "use_safetensors": True},
+        # strength just under 1: the card notes that 1.0 can leave the region's latents unused.
+        call_kwargs={"num_inference_steps": {"min": 20, "max": 30}, "guidance_scale": {"min": 6.0, "max": 8.0},
+                     "strength": 0.99},
+        resolution=1024,
+        vram_gb=10,
+    ),
+    ModelSpec(
+        task=INPAINTING,
+        name="dreamshaper-8-inpaint",
+        path="Lykon/dreamshaper-8-inpainting",
+        pipeline="AutoPipelineForInpainting",
+        load_kwargs={"dtype": "float16", "variant": "fp16", "use_safetensors": True},
+        call_kwargs={"num_inference_steps": {"min": 20, "max": 30}, "guidance_scale": {"min": 5.0, "max": 8.0}},
+        scheduler="DEISMultistepScheduler",
+        resolution=512,
+        vram_gb=4,
+    ),
+)
+# Text-to-video models of video challenges (the founding notes' list), arguments from their model cards. Frame counts
+# cover the validator's 2 s clip window at each model's own rate.
+DEFAULT_VIDEO_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        task=TEXT_TO_VIDEO,
+        name="mochi-1",
+        path="genmo/mochi-1-preview",
+        pipeline="MochiPipeline",
+        load_kwargs={"dtype": "bfloat16", "variant": "bf16"},
+        call_kwargs={"num_frames": 61, "num_inference_steps": 64, "guidance_scale": 4.5},
+        resolution=(480, 848),
+        fps=30.0,
+        vram_gb=42,
+    ),
+    ModelSpec(
+        task=TEXT_TO_VIDEO,
+        name="cogvideox-5b",
+        path="THUDM/CogVideoX-5b",
+        pipeline="CogVideoXPipeline",
+        load_kwargs={"dtype": "bfloat16"},
+        call_kwargs={"num_frames": 49, "num_inference_steps": 50, "guidance_scale": 6.0, "use_dynamic_cfg": True},
+        resolution=(480, 720),
+        fps=8.0,
+        vram_gb=26,
+    ),
+    ModelSpec(
+        # The distilled 4-step motion module on a photorealistic SD 1.5 base, as its model card runs it.
+        task=TEXT_TO_VIDEO,
+        name="animatediff-lightning",
+        path="emilianJR/epiCRealism",
+        pipeline="AnimateDiffPipeline",
+        load_kwargs={"dtype": "float16"},
+        motion_adapter="ByteDance/AnimateDiff-Lightning",
+        motion_adapter_file="animatediff_lightning_4step_diffusers.safetensors",
+        scheduler="EulerDiscreteScheduler",
+        scheduler_kwargs={"timestep_spacing": "trailing", "beta_schedule": "linear"},
+        call_kwargs={"num_frames": 16, "num_inference_steps": 4, "guidance_scale": 1.0},
+        resolution=512,
+        fps=8.0,
+        vram_gb=8,
+    ),
+)
+_DEFAULTS = {TEXT_TO_IMAGE: DEFAULT_MODELS, INPAINTING: DEFAULT_INPAINT_MODELS, TEXT_TO_VIDEO: DEFAULT_VIDEO_MODELS}
+_DEFAULT_BY_NAME = {spec.name: spec for spec in (*DEFAULT_MODELS, *DEFAULT_INPAINT_MODELS, *DEFAULT_VIDEO_MODELS)}
+_DEFAULT_BY_PATH = {spec.path: spec for spec in (*DEFAULT_MODELS, *DEFAULT_INPAINT_MODELS, *DEFAULT_VIDEO_MODELS)}
 
 
-def _spec_for_token(token: str) -> ModelSpec:
-    """A built-in name, a built-in's hub id (keeps its tuned arguments), a local pipeline folder or a hub id."""
+def _spec_for_token(token: str, task: str = TEXT_TO_IMAGE) -> ModelSpec:
+    """A built-in name, a built-in's hub id (keeps its tuned arguments), a local pipeline folder or a hub id; the
+    last two get `task`'s auto pipeline."""
     if token in _DEFAULT_BY_NAME:
         return _DEFAULT_BY_NAME[token]
     if token in _DEFAULT_BY_PATH:
@@ -233,7 +345,7 @@ def _spec_for_token(token: str) -> ModelSpec:
     if folder.exists():
         if not (folder / "model_index.json").is_file():
             raise ModelConfigError(f"model {token!r}: the folder has no model_index.json (not a diffusers pipeline)")
-        return ModelSpec(name=_safe_name(folder.name), path=str(folder.resolve()))
+        return ModelSpec(task=task, name=_safe_name(folder.name), path=str(folder.resolve()))
     if token.startswith(("/", ".", "~")):
         raise ModelConfigError(f"model {token!r}: no such local folder")
     if not is_hub_id(token):
@@ -241,32 +353,37 @@ def _spec_for_token(token: str) -> ModelSpec:
             f"model {token!r} is not a built-in name ({', '.join(_DEFAULT_BY_NAME)}), "
             "an existing local pipeline folder, or a hub id (owner/name)"
         )
-    return ModelSpec(name=_safe_name(token.split("/")[-1]), path=token)
+    return ModelSpec(task=task, name=_safe_name(token.split("/")[-1]), path=token)
 
 
 def _safe_name(text: str) -> str:
     return re.sub(r"[^\w.\-]", "_", text) or "model"
 
 
-def _spec_for_entry(entry: Any, where: str) -> ModelSpec:
+def _spec_for_entry(entry: Any, where: str, task: str = TEXT_TO_IMAGE) -> ModelSpec:
     if isinstance(entry, str):
-        return _spec_for_token(entry.strip())
+        return _spec_for_token(entry.strip(), task)
     if not isinstance(entry, dict):
         raise ModelConfigError(f"{where}: expected a string or a mapping, got {type(entry).__name__}")
     name = entry.get("name")
     base = _DEFAULT_BY_NAME.get(name) if isinstance(name, str) and "path" not in entry else None
-    fields = {**base.model_dump(exclude_none=True), **entry} if base else entry
+    fields = {**base.model_dump(exclude_none=True), **entry} if base else {"task": task, **entry}
     try:
         return ModelSpec(**fields)
     except ValidationError as err:
         raise ModelConfigError(f"{where}: {err}") from err
 
 
-def parse_model_list(value: str | Path) -> list[ModelSpec]:
-    """Model specs from a comma list (names, hub ids, folders), a YAML file path, or `default`."""
+def parse_model_list(value: str | Path, task: str = TEXT_TO_IMAGE) -> list[ModelSpec]:
+    """Model specs for `task` from a comma list (names, hub ids, folders), a YAML file path, or `default`.
+
+    Local folders and hub ids get the task's auto pipeline; a built-in model of the other task is an error.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     text = str(value).strip()
     if text in ("", "default"):
-        return list(DEFAULT_MODELS)
+        return list(_DEFAULTS[task])
     if text.endswith((".yaml", ".yml")):
         path = Path(text).expanduser()
         try:
@@ -276,11 +393,14 @@ def parse_model_list(value: str | Path) -> list[ModelSpec]:
         entries = data.get("models") if isinstance(data, dict) else data
         if not isinstance(entries, list):
             raise ModelConfigError(f"{path}: expected a list of models (or a mapping with a `models` list)")
-        specs = [_spec_for_entry(entry, f"{path} entry {i}") for i, entry in enumerate(entries)]
+        specs = [_spec_for_entry(entry, f"{path} entry {i}", task) for i, entry in enumerate(entries)]
     else:
-        specs = [_spec_for_token(token.strip()) for token in text.split(",") if token.strip()]
+        specs = [_spec_for_token(token.strip(), task) for token in text.split(",") if token.strip()]
     if not specs:
         raise ModelConfigError(f"model list {text!r} names no model")
+    wrong = [spec.name for spec in specs if spec.task != task]
+    if wrong:
+        raise ModelConfigError(f"models {wrong} are not {task} models")
     names = [spec.name for spec in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -309,6 +429,19 @@ class GeneratedImage:
     """One generated image with everything needed to reproduce it."""
 
     image: Image.Image
+    model: ModelSpec
+    call_args: dict[str, Any]
+    seed: int
+    load_s: float
+    generate_s: float
+
+
+@dataclass(frozen=True)
+class GeneratedClip:
+    """One generated clip, (T, H, W, 3) uint8 frames at `fps`, with everything needed to reproduce it."""
+
+    frames: np.ndarray
+    fps: float
     model: ModelSpec
     call_args: dict[str, Any]
     seed: int
@@ -353,9 +486,12 @@ class DiffusionModelPool:
             len(specs), ", ".join(self.specs), self.device, self.budget_gb, ", cpu offload" if self.cpu_offload else "",
         )
 
-    def available(self) -> list[str]:
-        """Models that have not failed to load."""
-        return [name for name in self.specs if name not in self.failed]
+    def available(self, task: str | None = None) -> list[str]:
+        """Models (of `task`, or of any task) that have not failed to load."""
+        return [
+            name for name, spec in self.specs.items()
+            if name not in self.failed and (task is None or spec.task == task)
+        ]
 
     def loaded(self) -> list[str]:
         """Loaded models, least recently used first."""
@@ -428,24 +564,86 @@ class DiffusionModelPool:
     def generate(
         self, name: str, prompt: str, rng: random.Random, resolution: int | None = None, steps: int | None = None
     ) -> GeneratedImage:
-        """Generate one image with model `name`; the seed and drawn arguments come back for the metadata."""
+        """Generate one image with text-to-image model `name`; the seed and drawn arguments come back for the
+        metadata."""
+        spec = self._spec_of(name, TEXT_TO_IMAGE)
+        return self._call(spec, prompt, rng, spec.draw_call_args(rng, resolution, steps))
+
+    def generate_video(
+        self, name: str, prompt: str, rng: random.Random, resolution: int | None = None, steps: int | None = None,
+        frames: int | None = None,
+    ) -> GeneratedClip:
+        """Generate one clip with text-to-video model `name` (`frames` overrides its frame count)."""
+        spec = self._spec_of(name, TEXT_TO_VIDEO)
+        call_args = spec.draw_call_args(rng, resolution, steps)
+        if frames:
+            call_args["num_frames"] = frames
+        return self._call(spec, prompt, rng, call_args)
+
+    def inpaint(
+        self,
+        name: str,
+        prompt: str,
+        image: Image.Image,
+        mask: np.ndarray,
+        rng: random.Random,
+        resolution: int | None = None,
+        steps: int | None = None,
+    ) -> GeneratedImage:
+        """Regenerate the region `mask` ([H, W] in [0, 1], feathered) marks in `image` from `prompt` with inpainting
+        model `name`. The model runs at its working size (see `inpainting.work_size`, whatever the image's size);
+        the returned image has `image`'s size, real outside the region. EmptyMaskError for a mask with no region."""
+        spec = self._spec_of(name, INPAINTING)
+        mask_area(mask)  # refuses an empty region before any model work
+        side = resolution or spec.resolution or DEFAULT_INPAINT_SIDE
+        width, height = work_size(image.size, side if isinstance(side, int) else max(side))
+        call_args = spec.draw_call_args(rng, None, steps)
+        call_args["height"], call_args["width"] = height, width
+        inputs = {
+            "image": image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS),
+            "mask_image": Image.fromarray(np.rint(np.asarray(mask) * 255).astype(np.uint8), mode="L").resize(
+                (width, height), Image.Resampling.BILINEAR
+            ),
+        }
+        made = self._call(spec, prompt, rng, call_args, inputs)
+        return replace(made, image=composite(image, made.image, mask))
+
+    def _spec_of(self, name: str, task: str) -> ModelSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise ModelConfigError(f"unknown model {name!r}; configured: {', '.join(self.specs)}")
+        if spec.task != task:
+            raise ModelConfigError(f"model {name} is a {spec.task} model, not {task}")
+        return spec
+
+    def _call(
+        self, spec: ModelSpec, prompt: str, rng: random.Random, call_args: dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+    ) -> GeneratedImage | GeneratedClip:
+        """Run `spec`'s pipeline once with a drawn seed; OOM drops the other models, a flagged image raises."""
         import torch
 
         start = time.perf_counter()
-        pipe = self.get(name)
+        pipe = self.get(spec.name)
         load_s = time.perf_counter() - start
-        spec = self.specs[name]
-        call_args = spec.draw_call_args(rng, resolution, steps)
         seed = rng.randrange(2**32)
         start = time.perf_counter()
         try:
-            output = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **call_args)
+            output = pipe(
+                prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **(inputs or {}), **call_args
+            )
         except torch.cuda.OutOfMemoryError:
-            self._evict_all(keep=name, why="after running out of memory")
+            self._evict_all(keep=spec.name, why="after running out of memory")
             raise
         flagged = getattr(output, "nsfw_content_detected", None)
         if flagged and any(flagged):
-            raise UnsafeImageError(f"model {name}: the safety checker flagged the image")
+            raise UnsafeImageError(f"model {spec.name}: the safety checker flagged the image")
+        if spec.task == TEXT_TO_VIDEO:
+            from validator.generation.video import clip_frames
+
+            frames = clip_frames(output.frames[0])
+            return GeneratedClip(frames, spec.fps or DEFAULT_CLIP_FPS, spec, call_args, seed, load_s,
+                                 time.perf_counter() - start)
         return GeneratedImage(output.images[0], spec, call_args, seed, load_s, time.perf_counter() - start)
 
     def close(self) -> None:
@@ -471,9 +669,13 @@ class DiffusionModelPool:
         kwargs = dict(spec.load_kwargs)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or "float16"
         kwargs["dtype"] = torch.float32 if self.device.type == "cpu" else getattr(torch, dtype)
+        if spec.motion_adapter:
+            from validator.generation.video import load_motion_adapter
+
+            kwargs["motion_adapter"] = load_motion_adapter(spec.motion_adapter, spec.motion_adapter_file, kwargs["dtype"])
         pipe = getattr(diffusers, spec.pipeline).from_pretrained(spec.path, **kwargs)
         if spec.scheduler:
-            pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+            pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config, **spec.scheduler_kwargs)
         if self.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:

@@ -1,5 +1,11 @@
 """One synthetic challenge image: real image → caption → rewrite → moderate → generate → cache.
 
+Or, for a share `inpaint_share` of the rounds, one semi-synthetic image: the same real image gets a random region
+(`validator.region_mask`) regenerated from its caption by an inpainting model, and goes to the semi-synthetic cache
+with its mask and metadata (kind, model, mask area and shape). For a share `video_share` of the rounds, a
+text-to-video model makes a clip from the prompt instead; it goes to the clip cache (`validator.video.cache`) the
+validator's video challenges read.
+
 The two halves are separate calls, `make_prompt()` (captioner and rewriter) and `render()` (diffusion model and
 cache), so that the generator can make a round's prompts before its images and move models between the GPU and host
 RAM once per round (see `memory.py`); `run_once()` does both for one image.
@@ -23,9 +29,21 @@ import bitmind
 from bitmind.json_safe import json_safe
 from validator.challenges.cache import ImageCache
 from validator.generation.captioner import Captioner
-from validator.generation.diffusion import DiffusionModelPool, GeneratedImage, ModelLoadError, NoModelAvailable
+from validator.challenges.mix import SEMI_SYNTHETIC, SYNTHETIC
+from validator.generation.diffusion import (
+    INPAINTING,
+    TEXT_TO_IMAGE,
+    TEXT_TO_VIDEO,
+    DiffusionModelPool,
+    GeneratedClip,
+    GeneratedImage,
+    ModelLoadError,
+    NoModelAvailable,
+)
 from validator.generation.moderation import moderate_prompt
 from validator.generation.prompt_rewriter import PromptRewriter
+from validator.region_mask import SHAPES, random_region_mask
+from validator.video.cache import ClipCache
 
 __all__ = [
     "PROMPT_MODES",
@@ -74,6 +92,7 @@ class PromptRecord:
     info: dict[str, Any]
     timings: dict[str, float]
     seconds: float
+    image: Image.Image | None = None  # the real image the caption describes (what inpainting starts from)
 
 
 @dataclass(frozen=True)
@@ -115,9 +134,25 @@ class SyntheticImagePipeline:
         image_format: str = "png",
         seed: int | None = None,
         static_prompts: tuple[str, ...] = STATIC_PROMPTS,
+        semi_cache: ImageCache | None = None,
+        inpaint_share: float = 0.0,
+        video_cache: ClipCache | None = None,
+        video_share: float = 0.0,
+        video_frames: int | None = None,
     ) -> None:
+        if not 0.0 <= video_share <= 1.0:
+            raise ValueError(f"video_share must be in [0, 1], got {video_share}")
+        if video_share > 0 and (video_cache is None or not pool.available(TEXT_TO_VIDEO)):
+            raise ValueError("clips need a clip cache and a text-to-video model in the pool")
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+        if not 0.0 <= inpaint_share <= 1.0:
+            raise ValueError(f"inpaint_share must be in [0, 1], got {inpaint_share}")
+        if inpaint_share > 0 and (semi_cache is None or prompt_mode != "caption" or not pool.available(INPAINTING)):
+            raise ValueError(
+                "inpainting needs a semi-synthetic cache, prompt_mode 'caption' (a real image to inpaint) and an "
+                "inpainting model in the pool"
+            )
         if prompt_mode == "caption" and (source is None or captioner is None):
             raise ValueError("prompt_mode 'caption' needs a real image source and a captioner")
         if prompt_mode == "static" and not static_prompts:
@@ -132,15 +167,29 @@ class SyntheticImagePipeline:
         self.steps = steps
         self.image_format = image_format
         self.static_prompts = static_prompts
+        self.semi_cache = semi_cache
+        self.inpaint_share = inpaint_share
+        self.video_cache = video_cache
+        self.video_share = video_share
+        self.video_frames = video_frames
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**32)
         self.rng = random.Random(self.seed)
         self.np_rng = np.random.default_rng(self.seed)
 
-    def pick_model(self) -> str:
-        """A model chosen uniformly among those that have not failed to load."""
-        available = self.pool.available()
+    def pick_task(self) -> str:
+        """Text-to-video for a share `video_share` of the draws, inpainting for a share `inpaint_share` of the
+        others (each while a model of it still loads), else text-to-image."""
+        if self.video_share > 0 and self.pool.available(TEXT_TO_VIDEO) and self.rng.random() < self.video_share:
+            return TEXT_TO_VIDEO
+        if self.inpaint_share > 0 and self.pool.available(INPAINTING) and self.rng.random() < self.inpaint_share:
+            return INPAINTING
+        return TEXT_TO_IMAGE
+
+    def pick_model(self, task: str = TEXT_TO_IMAGE) -> str:
+        """A model of `task` chosen uniformly among those that have not failed to load."""
+        available = self.pool.available(task)
         if not available:
-            raise NoModelAvailable(f"every model failed to load: {self.pool.failed}")
+            raise NoModelAvailable(f"every {task} model failed to load: {self.pool.failed}")
         return self.rng.choice(available)
 
     def run_once(self, model: str | None = None) -> GenerationRecord:
@@ -151,35 +200,54 @@ class SyntheticImagePipeline:
         """A prompt: from a static list, or from a real image captioned, rewritten and moderated."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        info = self._prompt(timings)
-        return PromptRecord(info, timings, time.perf_counter() - start)
+        info, image = self._prompt(timings)
+        return PromptRecord(info, timings, time.perf_counter() - start, image)
 
     def render(self, prompt: PromptRecord, model: str | None = None) -> GenerationRecord:
-        """Generate `prompt` (with `model` unless it fails to load), cache the image and return where it went."""
+        """Generate `prompt` (with `model` unless it fails to load), cache the image and return where it went.
+
+        An inpainting `model` regenerates a random region of the prompt's real image (semi-synthetic item)."""
         start = time.perf_counter()
-        generated = self._generate(prompt.info["prompt"], model)
+        task = self.pool.specs[model].task if model in self.pool.specs else TEXT_TO_IMAGE
+        extra: dict[str, Any] = {}
+        mask = None
+        if task == INPAINTING:
+            if prompt.image is None:
+                raise ValueError("inpainting needs the real image of a caption prompt")
+            shape = SHAPES[self.rng.randrange(len(SHAPES))]
+            mask = random_region_mask(prompt.image.size, self.np_rng, shape=shape)
+            generated = self._generate(prompt.info["prompt"], model, task, prompt.image, mask)
+            extra = {"mask_area": round(float(mask.mean()), 4), "mask_shape": shape}
+        else:
+            generated = self._generate(prompt.info["prompt"], model, task)
+        if isinstance(generated, GeneratedClip):
+            extra = {"modality": "video", "fps": generated.fps, "frames": len(generated.frames)}
         timings = {**prompt.timings, "load_s": generated.load_s, "generate_s": generated.generate_s}
         timings["total_s"] = prompt.seconds + time.perf_counter() - start
         spec = generated.model
         metadata = {
             "label": 1,
-            "kind": "synthetic",
+            "kind": SEMI_SYNTHETIC if task == INPAINTING else SYNTHETIC,
             **prompt.info,
             "model": spec.name,
             "model_path": spec.path,
             "pipeline": spec.pipeline,
             "call_args": generated.call_args,
             "seed": generated.seed,
+            **extra,
             "timings": {key: round(value, 4) for key, value in timings.items()},
             "generator_version": bitmind.__version__,
         }
-        path = self.cache.put(generated.image, metadata, fmt=self.image_format)
+        if isinstance(generated, GeneratedClip):
+            return GenerationRecord(self.video_cache.put(generated.frames, generated.fps, metadata), metadata)
+        cache = self.semi_cache if task == INPAINTING else self.cache
+        path = cache.put(generated.image, metadata, fmt=self.image_format, mask=mask)
         return GenerationRecord(path, metadata)
 
-    def _prompt(self, timings: dict[str, float]) -> dict[str, Any]:
+    def _prompt(self, timings: dict[str, float]) -> tuple[dict[str, Any], Image.Image | None]:
         if self.prompt_mode == "static":
             prompt = moderate_prompt(self.rng.choice(self.static_prompts))
-            return {"prompt_mode": "static", "prompt": prompt, "caption": None, "source": None}
+            return {"prompt_mode": "static", "prompt": prompt, "caption": None, "source": None}, None
         drawn = self.source.sample(self.np_rng)
         if drawn is None:
             raise NoSourceImage("no real image is cached yet")
@@ -197,7 +265,7 @@ class SyntheticImagePipeline:
         prompt = moderate_prompt(rewritten) or moderate_prompt(caption)
         if not prompt:
             raise ValueError(f"nothing of the caption {caption!r} survived moderation")
-        return {
+        info = {
             "prompt_mode": "caption",
             "prompt": prompt,
             "caption": caption,
@@ -206,12 +274,34 @@ class SyntheticImagePipeline:
             "rewriter": self.rewriter.model_id if self.rewriter else None,
             "source": _source_fields(source_meta),
         }
+        return info, image
 
-    def _generate(self, prompt: str, model: str | None) -> GeneratedImage:
-        """Generate with `model` (or a random one); a model that fails to load is replaced by another."""
-        name = model if model in self.pool.available() else self.pick_model()
+    def _generate(
+        self,
+        prompt: str,
+        model: str | None,
+        task: str = TEXT_TO_IMAGE,
+        image: Image.Image | None = None,
+        mask: np.ndarray | None = None,
+    ) -> GeneratedImage | GeneratedClip:
+        """Generate with `model` (or a random one of `task`); a model that fails to load is replaced by another of
+        the same task. Inpainting takes `image` and `mask`."""
+        name = model if model in self.pool.available(task) else self.pick_model(task)
         while True:
             try:
+                if task == INPAINTING:
+                    return self.pool.inpaint(
+                        name, prompt, image, mask, self.rng, resolution=self.resolution, steps=self.steps
+                    )
+                if task == TEXT_TO_VIDEO:
+                    return self.pool.generate_video(name, prompt, self.rng, resolution=self.resolution,
+                                                    steps=self.steps, frames=self.video_frames)
                 return self.pool.generate(name, prompt, self.rng, resolution=self.resolution, steps=self.steps)
             except ModelLoadError:
-                name = self.pick_model()
+                try:
+                    name = self.pick_model(task)
+                except NoModelAvailable as err:
+                    if task == TEXT_TO_IMAGE:
+                        raise
+                    # Only this image fails: rounds go on with text-to-image models (pick_task sees none left).
+                    raise ModelLoadError(f"no {task} model left: {err}") from err

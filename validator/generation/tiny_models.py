@@ -22,6 +22,8 @@ __all__ = [
     "build_tiny_llm",
     "build_tiny_models",
     "build_tiny_sd",
+    "build_tiny_sd_inpaint",
+    "build_tiny_text_to_video",
     "word_tokenizer",
 ]
 
@@ -141,14 +143,45 @@ def _clip_tokenizer():
 
 def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     """A StableDiffusionPipeline with a tiny random UNet / VAE / CLIP text encoder in `path` (64×64 output)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(**_tiny_sd_components(seed, unet_in_channels=4)).save_pretrained(path)
+    return path
+
+
+def build_tiny_sd_inpaint(path: Path, seed: int = 0) -> Path:
+    """A StableDiffusionInpaintPipeline (UNet input: 4 latent + 4 masked-image latent + 1 mask channels) built the
+    same way, for offline tests of the inpainting path; `AutoPipelineForInpainting` loads it from `path`."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    StableDiffusionInpaintPipeline(**_tiny_sd_components(seed, unet_in_channels=9)).save_pretrained(path)
+    return path
+
+
+def build_tiny_text_to_video(path: Path, seed: int = 0) -> tuple[Path, Path]:
+    """An AnimateDiffPipeline (the tiny SD parts + a tiny random MotionAdapter) saved in `path / "pipeline"`, and
+    the motion adapter alone in `path / "motion_adapter"`; returns both folders. `DiffusionPipeline` loads the first;
+    the second, with the tiny SD folder as base, is how AnimateDiff-Lightning's adapter file is loaded."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    components = _tiny_sd_components(seed, unet_in_channels=4)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False)
+    parts = {key: components[key] for key in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    AnimateDiffPipeline(**parts, motion_adapter=adapter).save_pretrained(path / "pipeline")
+    adapter.save_pretrained(path / "motion_adapter")
+    return path / "pipeline", path / "motion_adapter"
+
+
+def _tiny_sd_components(seed: int, unet_in_channels: int) -> dict:
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer()
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=unet_in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=32, attention_head_dim=4,
@@ -164,13 +197,11 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
             num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         )
     )
-    pipe = StableDiffusionPipeline(
+    return dict(
         unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
         scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path)
-    return path
 
 
 def build_tiny_models(root: Path) -> TinyModels:
