@@ -47,7 +47,7 @@ from bitmind.console import Console  # noqa: E402
 from bitmind.dev_wallets import make_wallet  # noqa: E402
 from bitmind.ports import free_ports, port_answers  # noqa: E402
 from bitmind.supervisor import STOP_GRACE_S, Child, Supervisor  # noqa: E402
-from neurons.localnet_leaderboard import (  # noqa: E402
+from validator.leaderboard import (  # noqa: E402
     Leaderboard,
     MinerInfo,
     build_leaderboard,

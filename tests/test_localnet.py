@@ -17,7 +17,7 @@ from bitmind.console import Console
 from bitmind.supervisor import Child, Supervisor
 from neurons import localnet
 from neurons.localnet import LocalnetError, main, parse_miners
-from neurons.localnet_leaderboard import SUMMARY_KEYS, MinerInfo, build_leaderboard, read_validator_state
+from validator.leaderboard import SUMMARY_KEYS, MinerInfo, build_leaderboard, read_validator_state
 from validator.challenges.synthetic_seed import FAKE_SAMPLE_MODEL, SampleError, seed_synthetic_cache
 from validator.state import STATE_FILENAME, MinerRecordState, ScorerState, ValidatorState
 

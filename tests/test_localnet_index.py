@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from neurons.localnet import LocalnetError, parse_miners
-from neurons.localnet_leaderboard import MinerInfo, build_leaderboard
+from validator.leaderboard import MinerInfo, build_leaderboard
 from validator.state import STATE_FILENAME, MinerRecordState, ScorerState, ValidatorState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +35,15 @@ def test_leaderboard_shows_which_half_of_the_challenges_each_miner_gets_right():
         miners={"hk-a": MinerRecordState(history=history, queried=5, answered=5),
                 "hk-b": MinerRecordState(history=[(1, 0.8)], queried=1, answered=1)},
     ))  # fmt: skip
-    board = build_leaderboard(state, {}, [MinerInfo(1, "hk-a", "camo+index"), MinerInfo(2, "hk-b", "npr")])
+    board = build_leaderboard(state, {}, [MinerInfo(1, "hk-a", "camo_thumbnails+index"),
+                                         MinerInfo(2, "hk-b", "npr")])
     first, second = board.rows
     assert (first.real_accuracy, first.fake_accuracy) == pytest.approx((2 / 3, 1 / 2))
     assert (second.real_accuracy, second.fake_accuracy) == (None, 1.0)
     lines = board.render().splitlines()
     assert "real ok" in lines[0] and "fake ok" in lines[0]
     assert lines[2].split()[5:7] == ["0.667", "0.500"] and lines[3].split()[5:7] == ["-", "1.000"]
+    assert lines[2].split()[2] == "camo_thumbnails+index"  # a long label is never cut
     assert json.loads(json.dumps(board.summary()))["miners"][1]["real_accuracy"] is None
 
 

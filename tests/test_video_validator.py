@@ -469,7 +469,7 @@ def test_localnet_seeds_generated_clips_and_hands_the_validator_its_video_flags(
 
 
 def test_leaderboard_shows_each_miners_video_figures():
-    from neurons.localnet_leaderboard import MinerInfo, build_leaderboard
+    from validator.leaderboard import MinerInfo, build_leaderboard
     from validator.state import MinerRecordState, ValidatorState
 
     record = MinerRecordState(history=[(1, 0.9)], queried=4, answered=3,

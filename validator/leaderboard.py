@@ -1,4 +1,5 @@
-"""The local subnet's leaderboard: the validator's saved scores joined with the weights it set on the local chain.
+"""The local subnet's leaderboard (bitmind-localnet): the validator's saved scores joined with the weights it set on
+the local chain.
 
 Why a separate reader: `StateStore.load()` belongs to the validator that owns the file (it moves an unusable
 file aside and removes temporary files of an interrupted save, which would break a save in flight), so the
@@ -71,8 +72,9 @@ class Leaderboard:
 
     def render(self, title: str = "") -> str:
         """A plain-text table (no colours, so it reads the same in a log file)."""
+        width = max([16, *(len(row.detector) for row in self.rows)])  # a label is never cut (camo_thumbnails+index)
         header = (
-            f"{'rank':>4}  {'uid':>3}  {'detector':<16} {'answered':>9}  {'accuracy':>8}  {'real ok':>7}  "
+            f"{'rank':>4}  {'uid':>3}  {'detector':<{width}} {'answered':>9}  {'accuracy':>8}  {'real ok':>7}  "
             f"{'fake ok':>7}  {'MCC':>6}  {'score':>6}  {'weight':>6}"
         )
         lines = [title] if title else []
@@ -80,7 +82,7 @@ class Leaderboard:
         for rank, row in enumerate(self.rows, start=1):
             weight = f"{row.weight:6.3f}" if self.weights_set else f"{'-':>6}"
             lines.append(
-                f"{rank:>4}  {row.uid:>3}  {row.detector[:16]:<16} {f'{row.answered}/{row.queried}':>9}  "
+                f"{rank:>4}  {row.uid:>3}  {row.detector:<{width}} {f'{row.answered}/{row.queried}':>9}  "
                 f"{row.accuracy:8.3f}  {_share(row.real_accuracy)}  {_share(row.fake_accuracy)}  {row.mcc:+6.3f}  "
                 f"{row.score:6.3f}  {weight}"
             )
