@@ -49,7 +49,8 @@ def add_video_args(parser: argparse.ArgumentParser) -> None:
         help="Size cap of the real-clip cache (split evenly between the datasets); oldest clips go first.")
     add("--validator.synthetic_video_cache", type=str,
         default=str(DEFAULT_HOME / "validator" / "synthetic_video_cache"),
-        help="Folder of the generated-clip cache the generator writes (read only here); empty: real clips only.")
+        help="Folder of the generated-clip cache the generator writes (read only here); video challenges are sent "
+             "only while it holds clips. Empty: no video challenges.")
     add("--validator.video_quality", type=int, default=DEFAULT_VIDEO_QUALITY,
         help="Quality (1-100, JPEG-like) of the clips sent to miners (bitmind.video_codec).")
 
