@@ -173,6 +173,26 @@ def test_broken_item_is_skipped_removed_and_logged(tmp_path, caplog, breakage):
     assert any("removing broken item" in message and stem in message for message in messages)
 
 
+def test_discard_removes_one_item_and_refuses_what_is_not_an_item_stem(tmp_path, caplog):
+    """The public hook a layer on top (the clip cache) removes its broken items with: the named item goes, with
+    its mask, and a stem that is a path, '..' or a hidden name removes nothing, outside the folder or inside."""
+    root = tmp_path / "cache"
+    cache = ImageCache(root)
+    keep = cache.put(solid(10), {"name": "keep"})
+    gone = cache.put(solid(20), {"name": "gone"}, mask=np.ones((16, 16), np.float32))
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="validator.challenges.cache"):
+        for hostile in ("../outside", str(outside.with_suffix("")), "..", ".writers", "", "a\x00b", None):
+            assert cache.discard(hostile, "hostile") is False
+        assert outside.exists() and len(cache) == 2
+        assert cache.discard(gone.stem, "sheet does not parse") is True
+    assert [item.stem for item in cache.items()] == [keep.stem] and keep.exists()
+    assert not any(path.name.startswith(gone.stem) for path in root.iterdir())  # image, sidecar and mask
+    assert "not an item stem" in caplog.text and f"removing broken item {gone.stem}: sheet does not parse" in caplog.text
+    assert cache.discard(gone.stem, "already gone") is True and len(cache) == 1  # a vanished item is no error
+
+
 def test_only_broken_items_gives_none(tmp_path):
     cache = ImageCache(tmp_path)
     for i in range(3):

@@ -15,8 +15,12 @@ import pytest
 
 from bitmind.console import Console
 from bitmind.supervisor import Child, Supervisor
-from neurons import localnet
-from neurons.localnet import LocalnetError, main, parse_miners
+from neurons.localnet import main
+from validator.localnet.errors import LocalnetError
+from validator.localnet.flags import DEFAULT_MINERS
+from validator.localnet.miners import parse_miners
+from validator.localnet.network import STATUS_FILE
+from validator.localnet.report import board_text, write_summary
 from validator.leaderboard import SUMMARY_KEYS, MinerInfo, build_leaderboard, read_validator_state
 from validator.challenges.synthetic_seed import FAKE_SAMPLE_MODEL, SampleError, seed_synthetic_cache
 from validator.state import STATE_FILENAME, MinerRecordState, ScorerState, ValidatorState
@@ -169,6 +173,25 @@ def test_leaderboard_before_the_first_round_and_without_weights():
     assert "no weights on chain yet" in board.render()
 
 
+def test_board_text_and_summary_add_the_validators_per_kind_figures(tmp_path):
+    """The terminal board and --summary carry the heartbeat's accuracy per challenge kind and per clip kind; a
+    heartbeat that is missing, torn or of the wrong shape adds nothing instead of failing the run."""
+    board = build_leaderboard(None, {}, [MinerInfo(1, "hk", "npr")])
+    assert board_text(board, "title", tmp_path) == board.render("title")  # no heartbeat yet
+    beat = tmp_path / "heartbeat.json"
+    beat.write_text(json.dumps({"kinds": {"real": {"challenges": 3, "accuracy": 0.5}},
+                                "video_kinds": {"real": {"challenges": 2, "accuracy": 1.0},
+                                                "synthetic": {"challenges": 0, "accuracy": None}, "odd": "x"}}))
+    assert board_text(board, "title", tmp_path).splitlines()[-2:] == [
+        "miners' accuracy by kind: real 0.50 (3 challenges)", "miners' accuracy on clips by kind: real 1.00 (2 clips)"]
+    write_summary(tmp_path / "out" / "summary.json", board, tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["kinds"]["real"]["challenges"] == 3 and summary["video_kinds"]["real"]["accuracy"] == 1.0
+    for torn in ('{"kinds": {"real"', "[1, 2]", '{"kinds": [1], "video_kinds": "x"}'):
+        beat.write_text(torn)
+        assert board_text(board, "title", tmp_path) == board.render("title")
+
+
 def test_state_reader_never_touches_the_validators_files(tmp_path):
     assert read_validator_state(tmp_path, NETUID) is None  # no file yet
     path = tmp_path / STATE_FILENAME
@@ -252,7 +275,7 @@ def test_supervisor_reports_each_unexpected_exit_once(tmp_path):
 # ---------------------------------------------------------------------------------------------------- processes
 def _status(workdir: Path) -> dict | None:
     try:
-        return json.loads((workdir / localnet.STATUS_FILE).read_text())
+        return json.loads((workdir / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -311,7 +334,7 @@ def test_ctrl_c_or_sigterm_during_start_up_stops_every_child(tmp_path, sig):
     assert json.loads(summary.read_text())["rounds"] == 0
 
 
-E2E_MINERS = tuple(localnet.DEFAULT_MINERS.split(","))  # the demo's miners as an operator starts it
+E2E_MINERS = tuple(DEFAULT_MINERS.split(","))  # the demo's miners as an operator starts it
 ROUNDS = 40
 KILL_AT = ROUNDS - 5  # late enough that the killed miner's decayed score still tops the baseline's
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from neurons.localnet import LocalnetError, parse_miners
+from validator.localnet.errors import LocalnetError
+from validator.localnet.miners import parse_miners
 from validator.leaderboard import MinerInfo, build_leaderboard
 from validator.state import STATE_FILENAME, MinerRecordState, ScorerState, ValidatorState
 

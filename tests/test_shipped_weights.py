@@ -7,6 +7,7 @@ small and mostly 32x32 CIFAKE, so this is a floor against broken weights or prep
 (`bitmind-arena` measures held-out quality).
 """
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
+from base_miner.detectors.base import DeepfakeDetector
 from base_miner.registry import build_detector
 from bitmind.image_codec import decode_bytes
-from neurons.localnet import DEFAULT_AUGMENT_PROBS as DEMO_AUGMENT_PROBS
+from validator.localnet.flags import DEFAULT_AUGMENT_PROBS as DEMO_AUGMENT_PROBS
 from validator.augment import Augmenter, parse_level_probs
 
 ASSETS = Path(__file__).resolve().parents[1] / "validator" / "assets"
@@ -46,35 +48,50 @@ def labelled_sample() -> tuple[list[Image.Image], np.ndarray]:
     return real + fake, np.array([0] * len(real) + [1] * len(fake))
 
 
-def quality(config: str, sample: tuple[list[Image.Image], np.ndarray]) -> tuple[float, float]:
-    """(ROC AUC, MCC with `p > 0.5` called AI-generated) of the packaged detector `config` on the sample."""
+@pytest.fixture(scope="module")
+def packaged() -> Iterator[Callable[[str], DeepfakeDetector]]:
+    """Each packaged detector built once for this module (CAMO loads several experts' weights) and released after
+    it: a miner serves every request with one instance too, so the floor and the demo tests may share one."""
+    built: dict[str, DeepfakeDetector] = {}
+
+    def get(config: str) -> DeepfakeDetector:
+        if config not in built:
+            built[config] = build_detector(config, device="cpu")
+        return built[config]
+
+    yield get
+    built.clear()
+
+
+def quality(detector: DeepfakeDetector, sample: tuple[list[Image.Image], np.ndarray]) -> tuple[float, float]:
+    """(ROC AUC, MCC with `p > 0.5` called AI-generated) of a packaged detector on the sample."""
     images, labels = sample
-    probabilities = np.asarray(build_detector(config, device="cpu").predict(images), dtype=np.float64)
+    probabilities = np.asarray(detector.predict(images), dtype=np.float64)
     assert probabilities.shape == labels.shape and np.isfinite(probabilities).all()
     return float(roc_auc_score(labels, probabilities)), float(matthews_corrcoef(labels, probabilities > 0.5))
 
 
 @pytest.mark.parametrize("config", list(FLOORS))
-def test_shipped_weights_keep_their_quality_floor(config, labelled_sample):
+def test_shipped_weights_keep_their_quality_floor(config, labelled_sample, packaged):
     auc_floor, mcc_floor = FLOORS[config]
-    auc, mcc = quality(config, labelled_sample)
+    auc, mcc = quality(packaged(config), labelled_sample)
     assert auc >= auc_floor and mcc >= mcc_floor, (
         f"{config}: AUC {auc:.3f} (floor {auc_floor}), MCC {mcc:.3f} (floor {mcc_floor}) on the packaged sample"
     )
 
 
-def test_the_floor_rejects_a_detector_that_guesses(labelled_sample):
-    auc, mcc = quality("baseline_random", labelled_sample)
+def test_the_floor_rejects_a_detector_that_guesses(labelled_sample, packaged):
+    auc, mcc = quality(packaged("baseline_random"), labelled_sample)
     assert auc < min(floor for floor, _ in FLOORS.values()) and mcc < min(floor for _, floor in FLOORS.values())
 
 
-def test_the_demo_camo_reads_the_demo_challenges(labelled_sample):
+def test_the_demo_camo_reads_the_demo_challenges(labelled_sample, packaged):
     """The local demo's validator up-scales the 32x32 sample to 256² challenges (levels 0-1): `camo_thumbnails`
     routes them to its challenge-trained thumbnail expert (measured AUC 0.883 / MCC 0.616 here), where the packaged
     `camo` reads them as smooth photos (0.762 / 0.117)."""
     images, labels = labelled_sample
     augmenter, rng = Augmenter(parse_level_probs(DEMO_AUGMENT_PROBS)), np.random.default_rng(0)
     challenges = ([augmenter(image, rng)[0] for image in images], labels)
-    auc, mcc = quality("camo_thumbnails", challenges)
+    auc, mcc = quality(packaged("camo_thumbnails"), challenges)
     assert auc >= 0.84 and mcc >= 0.5, f"camo_thumbnails on the demo's challenges: AUC {auc:.3f}, MCC {mcc:.3f}"
-    assert mcc > quality("camo", challenges)[1] + 0.3
+    assert mcc > quality(packaged("camo"), challenges)[1] + 0.3  # the same instance the floor test measured

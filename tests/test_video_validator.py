@@ -456,7 +456,8 @@ def test_localnet_without_clips_says_so_before_starting_anything(tmp_path, capsy
 @needs_shared
 def test_localnet_seeds_generated_clips_and_hands_the_validator_its_video_flags(tmp_path):
     from bitmind.console import Console
-    from neurons.localnet import Localnet, build_parser
+    from validator.localnet.flags import build_parser
+    from validator.localnet.network import Localnet
 
     args = build_parser().parse_args(["--video-share", "0.25", "--workdir", str(tmp_path / "w"), "--seed", "3"])
     net = Localnet(args, Console(io.StringIO()))

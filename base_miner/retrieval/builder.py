@@ -30,7 +30,7 @@ from base_miner.retrieval.calibration import Calibration, fit_calibration, fit_s
 from base_miner.retrieval.descriptor import Descriptor, index_views
 from base_miner.retrieval.expert import gather_evidence
 from base_miner.retrieval.index import MANIFEST, RetrievalIndex
-from base_miner.retrieval.local import KEYPOINTS, LocalFeatures, local_features
+from base_miner.retrieval.local import KEYPOINTS, LocalFeatures, frame_size, local_features
 from base_miner.training.data import DataError, DatasetSpec, decode_row_image, load_spec
 from bitmind.atomic import atomic_write_bytes
 from bitmind.image_codec import ImageDecodeError
@@ -58,15 +58,17 @@ class BuildOptions:
     seed: int = 0  # of the calibration challenges
 
 
-def _padded(keypoints: list[LocalFeatures]) -> dict[str, np.ndarray]:
-    """Keypoints of several images as fixed-size arrays (zero-padded to KEYPOINTS) plus the count of each."""
+def _padded(keypoints: list[LocalFeatures], sizes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Keypoints of several images as fixed-size arrays (zero-padded to KEYPOINTS) plus the count of each and the
+    size of the frame they were found in."""
     points = np.zeros((len(keypoints), KEYPOINTS, 2), np.float32)
     descriptors = np.zeros((len(keypoints), KEYPOINTS, 32), np.uint8)
     counts = np.zeros(len(keypoints), np.int32)
     for n, (found_points, found_descriptors) in enumerate(keypoints):
         counts[n] = len(found_points)
         points[n, : counts[n]], descriptors[n, : counts[n]] = found_points, found_descriptors
-    return {"points": points, "descriptors": descriptors, "counts": counts}
+    frames = np.asarray(sizes, dtype=np.int32).reshape(len(keypoints), 2)
+    return {"points": points, "descriptors": descriptors, "counts": counts, "sizes": frames}
 
 
 def _shard_path(work: Path, number: int) -> Path:
@@ -165,6 +167,7 @@ class _Build:
         negatives: list[Image.Image] = []
         negative_refs: list[tuple[int, int]] = []
         keypoints: list[LocalFeatures] = []
+        frames: list[tuple[int, int]] = []
         for offset, (cell, label) in enumerate(zip(rows["image"], rows["label"])):
             real_to_index = role == "index" and int(label) == 0
             negative_wanted = self.state["negatives"] + len(negatives) < self.options.max_negatives
@@ -183,6 +186,7 @@ class _Build:
                 owners.extend([self.state["images"] + len(refs)] * len(image_views))
                 refs.append((number, begin + offset))
                 keypoints.append(local_features(image))
+                frames.append(frame_size(image.size))
             else:
                 negatives.append(image)
                 negative_refs.append((number, begin + offset))
@@ -191,7 +195,7 @@ class _Build:
             "vectors": self.descriptor.embed(views) if views else np.zeros((0, dim), np.float32),
             "owners": np.asarray(owners, dtype=np.int64),
             "refs": np.asarray(refs, dtype=np.int64).reshape(-1, 2),
-            **_padded(keypoints),
+            **_padded(keypoints, frames),
             "negatives": self.descriptor.embed(negatives) if negatives else np.zeros((0, dim), np.float32),
             "negative_refs": np.asarray(negative_refs, dtype=np.int64).reshape(-1, 2),
         }
@@ -210,7 +214,7 @@ class _Build:
     def _shards(self) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {key: [] for key in
                                               ("vectors", "owners", "refs", "points", "descriptors", "counts",
-                                               "negatives", "negative_refs")}  # fmt: skip
+                                               "sizes", "negatives", "negative_refs")}  # fmt: skip
         for number in range(self.state["shards"]):
             with np.load(_shard_path(self.work, number), allow_pickle=False) as shard:
                 for key in parts:
@@ -261,7 +265,7 @@ class _Build:
             raise BuildError(f"no readable real (label 0) image in {[s for s, r in self.sources if r == 'index']}")
         shards = self._shards()
         started = time.perf_counter()
-        local = {name: shards[name] for name in ("points", "descriptors", "counts")}
+        local = {name: shards[name] for name in ("points", "descriptors", "counts", "sizes")}
         index = RetrievalIndex.create(shards["vectors"], shards["owners"], local)
         log.info("search index: %d entries of %d images, %s, built in %.1f s", index.entries, index.images,
                  index.settings["kind"], time.perf_counter() - started)  # fmt: skip

@@ -18,7 +18,7 @@ from PIL import Image
 from base_miner.retrieval.calibration import Calibration
 from base_miner.retrieval.descriptor import Descriptor
 from base_miner.retrieval.index import RetrievalIndex, RetrievalIndexError
-from base_miner.retrieval.local import count_inliers, local_features, mirrored
+from base_miner.retrieval.local import count_inliers, frame_size, query_features
 
 __all__ = ["ROUTE", "Evidence", "Match", "RetrievalExpert", "gather_evidence"]
 
@@ -44,14 +44,14 @@ class Evidence:
 
 def gather_evidence(descriptor: Descriptor, index: RetrievalIndex, images: list[Image.Image],
                     shortlist: float | Calibration) -> Evidence:  # fmt: skip
-    """Both stages for a batch: one trunk pass per image, then keypoints (image and its mirror) for those whose score
-    reaches the shortlist (one number, or the calibration's rule for their best indexed image)."""
+    """Both stages for a batch: one trunk pass per image, then keypoints (image and its mirror, each at two scales) for
+    those whose score reaches the shortlist (one number, or the calibration's rule for their best indexed image)."""
     scores, best = index.scores(descriptor.embed(images))
     limits = shortlist.shortlists(best) if isinstance(shortlist, Calibration) else np.full(len(images), shortlist)
     inliers = np.zeros(len(images), dtype=np.int64)
     for n in np.flatnonzero(scores >= limits):
-        reference = index.reference(int(best[n]))
-        inliers[n] = max(count_inliers(local_features(view), reference) for view in (images[n], mirrored(images[n])))
+        reference, frames = index.reference(int(best[n])), (frame_size(images[n].size), index.frame(int(best[n])))
+        inliers[n] = max(count_inliers(view, reference, frames) for view in query_features(images[n]))
     return Evidence(scores, best, inliers)
 
 

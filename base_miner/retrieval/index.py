@@ -6,9 +6,10 @@
                     fit it) -> L2 norm -> inner-product search;
                     exact (flat) up to FLAT_MAX_ENTRIES entries, IVF with 8-bit scalar quantisation above
     owners.npy      int64, the indexed image each entry (view) belongs to
-    keypoints.npy, descriptors.npy, counts.npy
+    keypoints.npy, descriptors.npy, counts.npy, sizes.npy
                     each indexed image's ORB keypoints for the geometric verification (`local.py`), zero-padded
-                    to KEYPOINTS; memory-mapped, so only the verified images' pages are read
+                    to KEYPOINTS, and the (width, height) of the frame they were found in; memory-mapped, so only
+                    the verified images' pages are read
 
 Match score (the shortlist): the best image's similarity minus the mean similarity of the next BACKGROUND_IMAGES
 images. A distorted copy of an indexed image stands far above its runners-up; a new image that merely shows similar
@@ -35,11 +36,11 @@ __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "MANIFEST", "RetrievalIndex", "Retri
 
 
 INDEX_FORMAT = "bitmind-retrieval-index"
-INDEX_VERSION = 2  # 2: the calibration holds a match rule per indexed dataset
+INDEX_VERSION = 3  # 2: a match rule per indexed dataset; 3: keypoint frame sizes, rules fitted on two-scale keypoints
 MANIFEST = "manifest.json"
 VECTORS = "vectors.faiss"
 OWNERS = "owners.npy"
-LOCAL_FILES = {"points": "keypoints.npy", "descriptors": "descriptors.npy", "counts": "counts.npy"}
+LOCAL_FILES = {"points": "keypoints.npy", "descriptors": "descriptors.npy", "counts": "counts.npy", "sizes": "sizes.npy"}
 DATA_FILES = (VECTORS, OWNERS, *LOCAL_FILES.values())
 SEARCH_K = 100  # nearest entries per query; at most 28+ are views of one image, so several images show up
 BACKGROUND_IMAGES = 5
@@ -145,7 +146,8 @@ class RetrievalIndex:
         images = int(owners.max()) + 1 if len(owners) else 0
         shapes = {name: array.shape for name, array in local.items()}
         if search.ntotal != len(owners) or shapes != {
-            "points": (images, KEYPOINTS, 2), "descriptors": (images, KEYPOINTS, 32), "counts": (images,)
+            "points": (images, KEYPOINTS, 2), "descriptors": (images, KEYPOINTS, 32), "counts": (images,),
+            "sizes": (images, 2),
         }:
             raise RetrievalIndexError(f"index holds {search.ntotal} vectors, {len(owners)} owners, keypoints {shapes}")
         self.search_index = search
@@ -166,6 +168,11 @@ class RetrievalIndex:
         """The keypoints of indexed image number `image`."""
         count = int(self.local["counts"][image])
         return np.asarray(self.local["points"][image, :count]), np.asarray(self.local["descriptors"][image, :count])
+
+    def frame(self, image: int) -> tuple[int, int]:
+        """(width, height) of the frame indexed image number `image`'s keypoints were found in."""
+        width, height = (int(v) for v in self.local["sizes"][image])
+        return width, height
 
     @classmethod
     def create(cls, vectors: np.ndarray, owners: np.ndarray, local: dict[str, np.ndarray]) -> "RetrievalIndex":

@@ -302,17 +302,17 @@ class ImageCache:
             if mask_name is not None and mask_name != stem + MASK_SUFFIX:
                 raise ValueError("bad 'mask' field")
         except (ValueError, KeyError, TypeError) as exc:
-            self._discard(stem, None, f"corrupt sidecar ({exc})")
+            self.discard(stem, f"corrupt sidecar ({exc})")
             return None
         image_path = self.root / image_name
         try:
             image = decode_bytes(image_path.read_bytes(), self._read_limits)
         except FileNotFoundError:
             if sidecar_path.exists():  # sidecar without image: broken; otherwise evicted meanwhile
-                self._discard(stem, image_name, "image file missing")
+                self.discard(stem, "image file missing", image_name=image_name)
             return None
         except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
-            self._discard(stem, image_name, f"unreadable image ({exc})")
+            self.discard(stem, f"unreadable image ({exc})", image_name=image_name)
             return None
         mask = None
         if mask_name is not None:
@@ -322,19 +322,27 @@ class ImageCache:
                 )
             except FileNotFoundError:
                 if sidecar_path.exists():
-                    self._discard(stem, image_name, "mask file missing")
+                    self.discard(stem, "mask file missing", image_name=image_name)
                 return None
             except (OSError, ValueError) as exc:  # MaskDecodeError is a ValueError
-                self._discard(stem, image_name, f"unreadable mask ({exc})")
+                self.discard(stem, f"unreadable mask ({exc})", image_name=image_name)
                 return None
         return image, {**metadata, ITEM_KEY: stem}, mask
 
-    def _discard(self, stem: str, image_name: str | None, reason: str) -> None:
+    def discard(self, stem: str, reason: str, *, image_name: str | None = None) -> bool:
+        """Remove a broken item and log why. Why public: a layer on top (the clip cache) finds items whose image
+        decodes but whose own metadata does not parse, and must remove them the way this cache's readers do, so
+        they are not drawn again. Never raises (a read-only folder is logged and skipped); False, removing
+        nothing, for a `stem` that is not a plain file name in this folder (a path, '..', a hidden name)."""
+        if not isinstance(stem, str) or not stem or stem.startswith(".") or "\x00" in stem or Path(stem).name != stem:
+            log.warning("cache %s: not removing %r (%s): not an item stem", self.root, stem, reason)
+            return False
         log.warning("cache %s: removing broken item %s: %s", self.root, stem, reason)
         try:
             self._remove(stem, image_name)
         except OSError as exc:  # e.g. a read-only mount: skip it, never fail the caller
             log.warning("cache %s: could not remove %s: %s", self.root, stem, exc)
+        return True
 
 
 def _encode(image: Image.Image, pil_format: str, quality: int) -> bytes:

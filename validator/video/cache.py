@@ -109,7 +109,7 @@ class ClipCache:
                 if not (math.isfinite(fps) and fps > 0):
                     raise ValueError(f"bad fps {fps!r}")
             except (ValueError, TypeError) as exc:
-                self.images._discard(str(metadata.get(ITEM_KEY)), None, f"not a clip sheet ({exc})")
+                self.images.discard(str(metadata.get(ITEM_KEY)), f"not a clip sheet ({exc})")
                 continue
             return (frames, fps), metadata
         return None
