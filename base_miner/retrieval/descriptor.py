@@ -81,14 +81,12 @@ def fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
     pass is the miner's extra cost per challenge; in eval mode the fold gives the same features (within float
     rounding) with one pass less over every feature map."""
     from timm.layers import BatchNormAct2d
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     children = list(module.named_children())
-    for (_, conv), (name, norm) in zip(children, children[1:]):
+    for (conv_name, conv), (name, norm) in zip(children, children[1:]):
         if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d) and norm.track_running_stats:
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-            conv.weight.data.mul_(scale.reshape(-1, 1, 1, 1))
-            conv.bias = torch.nn.Parameter(norm.bias + (bias - norm.running_mean) * scale)
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, norm))
             after = torch.nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else torch.nn.Identity()
             setattr(module, name, after)
     for _, child in children:
