@@ -8,6 +8,8 @@ Prints, for one detector config:
   3. a stand-in with the reference subnet's habits (synchronous handler, one image at a time ON the event loop)
      measured the same way in the same run.
 Both servers run as separate processes; the load generator is this process (one Dendrite, like a validator).
+With `--index DIR` our miner is also served with that retrieval index (`--miner.index`), right after the run
+without it, on the same images (none of them indexed: the look-up's whole cost, no answer saved).
 
     python benchmarks/miner_throughput.py --detector camo --queries 200
 """
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="--miner.workers for our miner (0 = auto).")
     parser.add_argument("--repeats", type=int, default=24, help="Batches per size for the in-process figures.")
     parser.add_argument("--skip-reference", action="store_true", help="Do not measure the reference stand-in.")
+    parser.add_argument("--index", default="", help="Also serve our miner with this retrieval index (--miner.index).")
     parser.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--wallets", default="", help=argparse.SUPPRESS)
@@ -213,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
                 process.terminate()
                 process.wait(timeout=30)
 
-    rows = serve_and_measure("ours", miner, [
+    ours = [
         sys.executable, "-m", "neurons.miner", "--chain", "local", "--chain.path", str(work / "chain.sqlite"),
         "--wallet.path", str(work / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
         "--axon.ip", LOOPBACK, "--axon.external_ip", LOOPBACK, "--neuron.detector", args.detector,
         "--neuron.device", "cpu", "--neuron.state_dir", str(work / "state"), "--miner.batch_size",
-        str(args.batch_size), "--miner.workers", str(args.workers), "--neuron.watchdog_timeout", "0", "--axon.port",
-    ])
+        str(args.batch_size), "--miner.workers", str(args.workers), "--neuron.watchdog_timeout", "0",
+    ]  # fmt: skip
+    rows = serve_and_measure("ours", miner, ours + ["--axon.port"])
+    if args.index:
+        rows += serve_and_measure("ours + index", miner, ours + ["--miner.index", args.index, "--axon.port"])
     if not args.skip_reference:
         rows += serve_and_measure("reference-style", reference, [
             sys.executable, __file__, "--serve-reference", "--detector", args.detector,

@@ -155,3 +155,28 @@ def test_tiny_cnn_averages_an_image_and_its_mirror_only_at_inference():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.eval()
         assert model.training and torch.allclose(model(x), single, atol=1e-5)  # training sees one view
+
+
+def test_served_probe_reads_a_folded_backbone_with_the_same_features_and_never_a_stale_one():
+    """Serving folds the frozen backbone's batch norms (a copy): same features as the plain backbone with the shipped
+    weights' real statistics; new weights or a move drop the copy, so changed weights are never read stale."""
+    detector = build_detector("probe", device="cpu")
+    model = detector.model
+    assert "_folded" in model.__dict__ and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.__dict__["_folded"].modules())
+    assert not any("_folded" in key for key in model.state_dict())
+    batch = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        folded = model.features(batch)
+        model.load_state_dict(model.state_dict())
+        assert "_folded" not in model.__dict__
+        plain = model.features(batch)
+        assert torch.allclose(folded, plain, atol=1e-4 * float(plain.abs().max()))
+        changed = {k: v * 2 if k == "backbone.conv_stem.weight" else v for k, v in model.state_dict().items()}
+        model.fold_for_inference()
+        model.load_state_dict(changed)
+        plain_changed = model.features(batch)
+        model.fold_for_inference()
+        assert not torch.allclose(plain_changed, plain, atol=1e-3)
+        assert torch.allclose(model.features(batch), plain_changed, atol=1e-4 * float(plain_changed.abs().max()))
+        model.to("cpu")
+        assert "_folded" not in model.__dict__

@@ -149,7 +149,8 @@ def test_folding_the_batch_norms_keeps_the_trunks_features():
 
     import timm
 
-    from base_miner.retrieval.descriptor import TRUNK_STAGES, fold_batch_norms
+    from base_miner.detectors.folding import fold_batch_norms
+    from base_miner.retrieval.descriptor import TRUNK_STAGES
 
     torch.manual_seed(0)
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
@@ -282,6 +283,24 @@ def test_the_mirrors_keypoints_match_a_mirrored_copy_without_a_second_detection(
     assert np.allclose(np.sort(mirror[0][:, 1]), np.sort(plain[0][:, 1]))  # same keypoints, mirrored in x
     (points, _), (none, _) = query_features(Image.new("RGB", (64, 64), "grey"))
     assert len(points) == len(none) == 0
+
+
+def test_nearest_two_descriptors_are_opencvs_brute_force_knn():
+    """The verification's matcher (faiss binary flat index) finds what OpenCV's brute-force Hamming k-NN finds."""
+    import cv2
+
+    from base_miner.retrieval.local import _nearest_two
+
+    rng = np.random.default_rng(4)
+    query, reference = (rng.integers(0, 256, (n, 32), dtype=np.uint8) for n in (300, 120))
+    reference[:20] = query[:20] ^ rng.integers(0, 2, (20, 32), dtype=np.uint8)  # a few near copies
+    distances, nearest = _nearest_two(query, reference)
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query, reference, k=2)
+    assert np.array_equal(distances, [[a.distance, b.distance] for a, b in pairs])
+    want = np.array([[a.trainIdx, b.trainIdx] for a, b in pairs])
+    unique = distances[:, 0] < distances[:, 1]  # ties may list equally near neighbours in another order
+    assert np.array_equal(nearest[unique, 0], want[unique, 0]) and unique.sum() > 250
+    assert np.array_equal(nearest[:20, 0], np.arange(20))
 
 
 def test_the_challenge_must_lie_inside_the_image_it_matches():

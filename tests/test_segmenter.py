@@ -108,6 +108,28 @@ def test_mask_loss_falls_on_a_fixed_batch(segmenter, semi_parquet):
     assert torch.isfinite(segmenter.training_loss(batch, labels))  # without masks: the label everywhere
 
 
+def test_frozen_encoder_serves_folded_with_the_same_features_and_trainable_stages_still_learn():
+    """The frozen stem and stages run from a folded copy (the ImageNet weights' real statistics): same features as
+    the plain encoder; a trainable last stage stays outside the copy and receives gradients through it."""
+    torch.manual_seed(0)
+    detector = build_detector("segmenter", device="cpu", trainable_stages=1, **SMALL)
+    model = detector.model
+    assert model.folded() is not None and len(model.folded()) == 1 + model.frozen
+    batch = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        folded = model.encode(batch)
+        model.__dict__.pop("_folded")
+        plain = model.encode(batch)
+    for a, b in zip(folded, plain):
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
+    model.fold_for_inference()
+    model.train()
+    model.map_logits(batch).mean().backward()
+    assert all(p.grad is not None for p in model.stages[-1].parameters())
+    assert all(p.grad is None for p in model.stages[0].parameters())
+    model.eval()
+
+
 # --- the data builder ------------------------------------------------------------------------------------------
 def test_builder_rows_have_consistent_labels_and_masks(semi_parquet):
     ds = load_spec(str(semi_parquet))

@@ -30,6 +30,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from base_miner.checkpoint import WeightsError
 from base_miner.detectors.base import Prediction
+from base_miner.detectors.folding import FoldedInference
 from base_miner.detectors.generalist import efficientnet_pytorch_to_timm, load_package_state_dict
 from base_miner.detectors.torch_detector import TorchDetector, TorchSettings
 from base_miner.registry import ConfigError, register_detector
@@ -58,7 +59,7 @@ def _upsample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class SegmenterNet(nn.Module):
+class SegmenterNet(FoldedInference):
     """Frozen EfficientNet stem + first `stages` stages → top-down decoder → stride-4 logit map → image logit."""
 
     def __init__(self, backbone: nn.Module, stages: int = 4, width: int = 32, topk_fraction: float = 0.05,
@@ -86,12 +87,20 @@ class SegmenterNet(nn.Module):
             module.eval()
         return self
 
+    def frozen_part(self) -> nn.Module:
+        return nn.Sequential(self.stem, *self.stages[: self.frozen])
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features at stride 4 and deeper (one per stage whose stride is >= 4)."""
+        stem, stages = self.stem, list(self.stages)
+        folded = self.folded()
+        if folded is not None:  # the frozen stem and stages, folded (`fold_for_inference`)
+            stem, stages = folded[0], [*folded[1:], *stages[self.frozen :]]
+            x = x.contiguous(memory_format=torch.channels_last)
         taps = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen == 0):
-            x = self.stem(x)
-        for index, stage in enumerate(self.stages):
+            x = stem(x)
+        for index, stage in enumerate(stages):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.frozen):
                 x = stage(x)
             if index >= 1:  # stage 0 runs at stride 2: too fine and too shallow to pay its decoding cost
@@ -141,6 +150,10 @@ class SegmenterDetector(TorchDetector):
 
     settings_model = SegmenterSettings
     produces_masks = True
+
+    def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
+        super().__init__(config, device)
+        self.model.fold_for_inference()  # the frozen encoder serves folded: same features, less CPU time
 
     def build_model(self) -> nn.Module:
         settings = self.settings

