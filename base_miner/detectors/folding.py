@@ -4,7 +4,8 @@ Why: on CPU an EfficientNet-Lite spends a good part of its time on separate batc
 and on channels-first depthwise convolutions. A frozen network in eval mode computes the same features (within float
 rounding) with the norms folded into the preceding convolutions and channels-last tensors, at about two thirds of
 the eager cost (measured on the retrieval descriptor's trunk). Used wherever a frozen ImageNet trunk serves: the
-probe experts and the retrieval descriptor.
+probe experts (TorchDetector folds any `FoldedInference` model once it is loaded), the segmenter's encoder and the
+retrieval descriptor.
 """
 
 import copy

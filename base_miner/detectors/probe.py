@@ -16,7 +16,7 @@ the copy is dropped whenever the weights or the device change, and the plain bac
 """
 
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import timm
 import torch
@@ -94,10 +94,6 @@ class ProbeDetector(TorchDetector):
     """Frozen EfficientNet-Lite0 features at several depths + a fitted linear head."""
 
     settings_model = ProbeSettings
-
-    def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
-        super().__init__(config, device)
-        self.model.fold_for_inference()
 
     def build_model(self) -> nn.Module:
         backbone = timm.create_model(self.settings.backbone, pretrained=False, num_classes=0)

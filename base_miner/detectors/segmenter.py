@@ -151,10 +151,6 @@ class SegmenterDetector(TorchDetector):
     settings_model = SegmenterSettings
     produces_masks = True
 
-    def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
-        super().__init__(config, device)
-        self.model.fold_for_inference()  # the frozen encoder serves folded: same features, less CPU time
-
     def build_model(self) -> nn.Module:
         settings = self.settings
         if settings.trainable_stages > settings.stages:
