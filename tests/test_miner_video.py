@@ -47,7 +47,8 @@ def test_tall_answers_clips_and_one_bad_clip_never_fails_the_batch(tmp_path):
         responses = _query(running, running.validator_wallet, [clip, *_hostile_clips(), clip])
         assert [r.status for r in responses] == [200] * 7
         assert 0.0 <= responses[0].prediction <= 1.0
-        assert responses[-1].prediction == responses[0].prediction  # same clip, same answer
+        # Same clip, same answer; batching it with other clips may reorder float sums, nothing more.
+        assert responses[-1].prediction == pytest.approx(responses[0].prediction, abs=1e-6)
         assert [r.prediction for r in responses[1:-1]] == [-1.0] * 5
         # The image endpoint on the same axon is unaffected, and the blacklist guards both.
         assert _query(running, running.validator_wallet, [_image(0)], ImageSynapse)[0].prediction == 0.5
