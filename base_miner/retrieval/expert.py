@@ -71,9 +71,8 @@ class RetrievalExpert:
         index, manifest = RetrievalIndex.load(folder, descriptor.identity())
         expert = cls(descriptor, index, Calibration.from_dict(manifest["calibration"]), str(folder))
         log.info(
-            "retrieval index %s: %d images, %d entries (%s), shortlist %.4f, %d inliers (%d datasets with a rule of "
-            "their own), answers p=%.4g, recall %s", folder, index.images, index.entries, index.settings["kind"],
-            expert.calibration.shortlist, expert.calibration.min_inliers, len(expert.calibration.collections),
+            "retrieval index %s: %d images, %d entries (%s), match %s, answers p=%.4g, recall %s", folder,
+            index.images, index.entries, index.settings["kind"], expert.calibration.describe(),
             expert.calibration.probability, {k: round(v, 3) for k, v in expert.calibration.recall.items()},
         )  # fmt: skip
         return expert

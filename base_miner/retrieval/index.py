@@ -36,7 +36,8 @@ __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "MANIFEST", "RetrievalIndex", "Retri
 
 
 INDEX_FORMAT = "bitmind-retrieval-index"
-INDEX_VERSION = 3  # 2: a match rule per indexed dataset; 3: keypoint frame sizes, rules fitted on two-scale keypoints
+INDEX_VERSION = 4  # 2: a match rule per indexed dataset; 3: keypoint frame sizes, rules fitted on two-scale keypoints;
+# 4: inlier counts that fall with the score (calibration steps)
 MANIFEST = "manifest.json"
 VECTORS = "vectors.faiss"
 OWNERS = "owners.npy"
