@@ -61,7 +61,8 @@ def mask_to_png(prob_map: np.ndarray) -> bytes:
     """PNG bytes (8-bit grayscale) of a [H, W] probability map in [0, 1]; ValueError for anything else."""
     array = _as_probability_map(prob_map)
     buffer = io.BytesIO()
-    Image.fromarray(np.rint(array * 255.0).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    # zlib level 1: a 256² map in ~2.5 ms instead of ~12 ms at the default level, ~15 % more bytes (far below the cap).
+    Image.fromarray(np.rint(array * 255.0).astype(np.uint8), mode="L").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -275,11 +275,12 @@ def test_miner_answers_with_a_mask_only_when_asked_and_able(segmenter_yaml, real
 
 def test_shipped_segmenter_keeps_a_floor_on_unseen_generators(diverse, tmp_path):
     """Regions from the protocol's held-out families in held-out real photos. Measured on 800 such rows when the
-    weights were shipped: image accuracy 0.83, mean IoU 0.35; the floors leave room for a small sample's noise."""
+    weights were shipped: image accuracy 0.88, mean IoU 0.51 (on these 48: 0.875 and 0.56); the floors leave room
+    for a small sample's noise."""
     from base_miner.training.segmenter_fit import evaluate
 
     kinds = {"semi": 2, "generated": 1, "real": 1}
     columns, _ = semi_synthetic.build_rows(load_spec(str(diverse)), "heldout", 48, kinds, seed=7)
     rows = load_spec(str(semi_synthetic.write_parquet(columns, tmp_path / "h.parquet")))
     report = evaluate(build_detector("segmenter", device="cpu"), rows)
-    assert report["image"]["accuracy"] >= 0.65 and report["mask"]["mean_iou"] >= 0.2, report
+    assert report["image"]["accuracy"] >= 0.75 and report["mask"]["mean_iou"] >= 0.45, report
