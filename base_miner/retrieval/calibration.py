@@ -129,10 +129,10 @@ class Calibration:
 
     def describe(self) -> str:
         """The whole index's rule in a few words, for logs and reports."""
-        most = self.inliers_needed(self.shortlist, -1)
-        counts = f"{self.min_inliers}" if most == self.min_inliers else f"{self.min_inliers}-{most}"
-        return (f"score >= {self.shortlist:.3f} and {counts} inliers (fewer at higher scores), "
-                f"{len(self.collections)} datasets with a rule of their own")
+        most = max([self.min_inliers] + [needed for _, needed in self.steps])  # the count at the shortlist
+        counts = (f"{self.min_inliers} inliers" if most == self.min_inliers
+                  else f"{self.min_inliers}-{most} inliers (fewer at higher scores)")  # fmt: skip
+        return f"score >= {self.shortlist:.3f} and {counts}, {len(self.collections)} datasets with a rule of their own"
 
     def matches(self, score: float, inliers: int, image: int) -> bool:
         """Whether a challenge whose best indexed image is `image` matches it."""
@@ -194,9 +194,9 @@ def fit_calibration(
     positives: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]],
     negatives: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> Calibration:
-    """The whole match rule: `shortlists` (from `fit_shortlists`) plus the inlier counts fitted on the negatives' (score,
-    inliers with their best image, best image), computed wherever a shortlist is reached; recall from the positives'
-    (score, inliers with the RIGHT image else 0, right image) per augmentation level."""
+    """The whole match rule: `shortlists` (from `fit_shortlists`) plus the inlier counts fitted on the negatives'
+    (score, inliers with their best image, best image), computed wherever a shortlist is reached; recall from the
+    positives' (score, inliers with the RIGHT image else 0, right image) per augmentation level."""
     neg_scores, neg_inliers, neg_best = (np.asarray(a) for a in negatives)
     reached = neg_scores >= shortlists.shortlists(neg_best)
     rules = []
@@ -204,7 +204,8 @@ def fit_calibration(
         landed = reached & (neg_best >= rule["first"]) & (neg_best < rule["first"] + rule["images"])
         rules.append(rule | _inlier_rule(neg_scores[landed], neg_inliers[landed]))
     overall = neg_scores >= shortlists.shortlist
-    calibration = replace(shortlists, **_inlier_rule(neg_scores[overall], neg_inliers[overall]), collections=tuple(rules))
+    whole_index = _inlier_rule(neg_scores[overall], neg_inliers[overall])
+    calibration = replace(shortlists, **whole_index, collections=tuple(rules))
     matched = {int(level): np.array([calibration.matches(s, i, b) for s, i, b in zip(*found)], dtype=bool)
                for level, found in positives.items()}  # fmt: skip
     every = np.concatenate(list(matched.values())) if matched else np.empty(0, bool)
