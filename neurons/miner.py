@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--miner.torch_threads",
         type=int,
         default=0,
-        help="Torch CPU threads for the detector; 0 picks: on CPU, all cores but one (the event loop, decoding and "
-        "signature checks need it) shared among the workers, at least 1; torch's default on GPU.",
+        help="Torch CPU threads for the detector (ONNX Runtime, which serves frozen trunks on CPU, uses the same "
+        "count); 0 picks: on CPU, all cores but one (the event loop, decoding and signature checks need it) shared "
+        "among the workers, at least 1; torch's default on GPU.",
     )
     parser.add_argument(
         "--miner.batch_wait_ms",

@@ -1,12 +1,18 @@
 """Test-wide settings: bittensor must not write to the home folder, and nothing may reach the network."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("READ_ONLY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+if "BITMIND_CACHE_DIR" not in os.environ:  # exported ONNX trunks: one folder per run, shared with child processes
+    os.environ["BITMIND_CACHE_DIR"] = tempfile.mkdtemp(prefix="bitmind-cache-")
+    atexit.register(shutil.rmtree, os.environ["BITMIND_CACHE_DIR"], ignore_errors=True)
 
 
 import logging  # noqa: E402

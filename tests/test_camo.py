@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 
 from base_miner.detectors.camo import CAMO
+from base_miner.gates import face as face_gate
 from base_miner.gates.face import FaceGate
 from base_miner.registry import ConfigError, build_detector
 from tests._fixtures_camo import STAND_IN, camo_config, mean_brightness, pictures  # noqa: F401 (fixture)
@@ -69,19 +70,27 @@ def test_gate_rejects_a_file_that_is_not_a_predictor(tmp_path):
         FaceGate({"landmarks": str(bogus)})
 
 
-def test_gate_gives_the_same_answers_from_several_threads(gate, pictures):
+def test_gate_gives_the_same_answers_from_several_threads_each_with_its_own_dlib_models(gate, pictures):
+    """dlib's detector is not promised thread-safe and releases the GIL: each worker thread detects with its own."""
     images = [pictures["astronaut"], pictures["coffee"]] * 4
+    [(_, expected_crop)] = gate.route(pictures["astronaut"])
     results: dict[int, list] = {}
+    models: dict[int, int] = {}
+    barrier = threading.Barrier(len(images))
 
     def work(index: int) -> None:
-        results[index] = [content for content, _ in gate.route(images[index])]
+        barrier.wait(timeout=30)  # every thread alive at once, so their models cannot be recycled objects
+        results[index] = [(content, crop.tobytes()) for content, crop in gate.route(images[index])]
+        models[index] = id(face_gate._models(gate.landmarks)[0])
+        barrier.wait(timeout=30)
 
     threads = [threading.Thread(target=work, args=(index,)) for index in range(len(images))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    assert [results[index] for index in range(len(images))] == [["face"], []] * 4
+    assert [results[index] for index in range(len(images))] == [[("face", expected_crop.tobytes())], []] * 4
+    assert len(set(models.values())) == len(images)
 
 
 # --- CAMO ----------------------------------------------------------------------------------------------------

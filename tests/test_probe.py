@@ -160,7 +160,7 @@ def test_tiny_cnn_averages_an_image_and_its_mirror_only_at_inference():
 def test_served_probe_reads_a_folded_backbone_with_the_same_features_and_never_a_stale_one():
     """Serving folds the frozen backbone's batch norms (a copy): same features as the plain backbone with the shipped
     weights' real statistics; new weights or a move drop the copy, so changed weights are never read stale."""
-    detector = build_detector("probe", device="cpu")
+    detector = build_detector("probe", device="cpu", runtime="torch")
     model = detector.model
     assert "_folded" in model.__dict__ and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.__dict__["_folded"].modules())
     assert not any("_folded" in key for key in model.state_dict())

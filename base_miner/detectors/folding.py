@@ -6,12 +6,17 @@ rounding) with the norms folded into the preceding convolutions and channels-las
 the eager cost (measured on the retrieval descriptor's trunk). Used wherever a frozen ImageNet trunk serves: the
 probe experts (TorchDetector folds any `FoldedInference` model once it is loaded), the segmenter's encoder and the
 retrieval descriptor.
+
+A model whose frozen part maps a batch to one tensor (`serves_onnx`) can also serve that part through ONNX Runtime on
+the CPU (`onnx_serving.py`), faster still; `run_frozen` picks the fastest copy that exists.
 """
 
 import copy
 
 import torch
 from torch import nn
+
+from base_miner.detectors.onnx_serving import OnnxTrunk
 
 __all__ = ["FoldedInference", "fold_batch_norms", "folded_copy"]
 
@@ -45,20 +50,48 @@ class FoldedInference(nn.Module):
     (kept out of `state_dict` and `.to()`) and is dropped whenever the weights or the device change, after which the
     plain frozen part serves until `fold_for_inference` is called again."""
 
+    serves_onnx: bool = False  # the frozen part maps a batch to one tensor, so ONNX Runtime can serve it
+
     def frozen_part(self) -> nn.Module:
         """The frozen layers to fold (never trained, eval mode)."""
         raise NotImplementedError
 
-    def fold_for_inference(self) -> None:
-        self.__dict__["_folded"] = folded_copy(self.frozen_part())
+    def fold_for_inference(self, onnx: bool = False) -> None:
+        """Build the folded copy and, with `onnx` (models with `serves_onnx` only), an ONNX Runtime server of it
+        that exports on first use."""
+        if onnx and not self.serves_onnx:
+            raise ValueError(f"{type(self).__name__}'s frozen part cannot be served through ONNX Runtime")
+        folded = folded_copy(self.frozen_part())
+        self.__dict__["_folded"] = folded
+        self.__dict__["_onnx"] = OnnxTrunk(folded) if onnx else None
 
     def folded(self) -> nn.Module | None:
         return self.__dict__.get("_folded")
 
+    def onnx_trunk(self) -> OnnxTrunk | None:
+        return self.__dict__.get("_onnx")
+
+    def run_frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part's output from the fastest copy there is: ONNX Runtime (inference only), the folded copy,
+        or the frozen part itself."""
+        onnx = self.onnx_trunk()
+        if onnx is not None and not torch.is_grad_enabled():
+            served = onnx(x)
+            if served is not None:
+                return served
+        folded = self.folded()
+        if folded is not None:
+            return folded(x.contiguous(memory_format=torch.channels_last))
+        return self.frozen_part()(x)
+
+    def _drop_copies(self) -> None:
+        self.__dict__.pop("_folded", None)
+        self.__dict__.pop("_onnx", None)
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self.__dict__.pop("_folded", None)  # moved or cast: the copy is stale
+        self._drop_copies()  # moved or cast: the copies are stale
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001, ANN201
-        self.__dict__.pop("_folded", None)  # new weights: the copy is stale
+        self._drop_copies()  # new weights: the copies are stale
         return super().load_state_dict(state_dict, strict, assign)

@@ -11,8 +11,9 @@ contributes the per-channel mean and standard deviation of its feature map: 2 ×
 CV AUC 0.90 without, 0.89 with, 0.86 with the head alone; docs/TRAINING.md). Images are read at native scale —
 centre-cropped, never resampled when large enough — so the traces survive.
 
-Serving runs a folded copy of the frozen backbone (`folding.py`: the same features, about a third less CPU time);
-the copy is dropped whenever the weights or the device change, and the plain backbone serves until it is rebuilt.
+Serving runs a folded copy of the frozen trunk (`folding.py`: the same features, about a third less CPU time), on the
+CPU through ONNX Runtime where it is installed (`onnx_serving.py`, `runtime` in TorchSettings); the copies are
+dropped whenever the weights or the device change, and the plain backbone serves until they are rebuilt.
 """
 
 import logging
@@ -29,13 +30,36 @@ from base_miner.detectors.generalist import efficientnet_pytorch_to_timm, load_p
 from base_miner.detectors.torch_detector import TorchDetector, TorchSettings
 from base_miner.registry import register_detector
 
-__all__ = ["FrozenProbe", "ProbeDetector", "ProbeSettings"]
+__all__ = ["FrozenProbe", "ProbeDetector", "ProbeSettings", "StageStatistics"]
 
 log = logging.getLogger(__name__)
 
 
+class StageStatistics(nn.Module):
+    """The frozen trunk: per-channel mean and std of every stage's feature map (then, optionally, the head's pooled
+    features). Built around the probe's backbone on demand, so the checkpoint keys stay `backbone.*`."""
+
+    def __init__(self, backbone: nn.Module, include_head: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.include_head = include_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        x = net.bn1(net.conv_stem(x))
+        pooled = []
+        for stage in net.blocks:
+            x = stage(x)
+            pooled += [x.mean((2, 3)), x.std((2, 3))]
+        if self.include_head:
+            pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))
+        return torch.cat(pooled, 1)
+
+
 class FrozenProbe(FoldedInference):
     """Backbone → multi-depth pooled features → standardise (fixed buffers) → linear logit."""
+
+    serves_onnx = True
 
     def __init__(self, backbone: nn.Module, include_head: bool = False) -> None:
         super().__init__()
@@ -50,7 +74,7 @@ class FrozenProbe(FoldedInference):
         nn.init.zeros_(self.head.bias)
 
     def frozen_part(self) -> nn.Module:
-        return self.backbone
+        return StageStatistics(self.backbone, self.include_head)
 
     def train(self, mode: bool = True) -> "FrozenProbe":
         """The backbone stays in eval mode (frozen batch-norm statistics) whatever the caller asks."""
@@ -60,19 +84,12 @@ class FrozenProbe(FoldedInference):
 
     def features(self, x: torch.Tensor, include_head: bool | None = None) -> torch.Tensor:
         """Raw (unstandardised) pooled features: stage statistics first, then (optionally) the head's."""
-        net = self.folded()
-        if net is None:
-            net = self.backbone
-        else:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = net.bn1(net.conv_stem(x))
-        pooled = []
-        for stage in net.blocks:
-            x = stage(x)
-            pooled += [x.mean((2, 3)), x.std((2, 3))]
-        if self.include_head if include_head is None else include_head:
-            pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))
-        return torch.cat(pooled, 1)
+        if include_head is None or include_head == self.include_head:
+            return self.run_frozen(x)
+        folded = self.folded()  # the other feature set (feature extraction for fits): torch only
+        if folded is None:
+            return StageStatistics(self.backbone, include_head)(x)
+        return StageStatistics(folded.backbone, include_head)(x.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         standardised = (self.features(x) - self.feature_mean) / self.feature_scale

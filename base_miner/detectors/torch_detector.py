@@ -23,6 +23,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from base_miner.checkpoint import MACHINE_KEYS, WeightsError, load_state_dict, resolve_weights, save_checkpoint
 from base_miner.detectors.base import DeepfakeDetector, Prediction
 from base_miner.detectors.folding import FoldedInference
+from base_miner.detectors.onnx_serving import onnxruntime_missing
 from base_miner.registry import ConfigError
 from bitmind.image_codec import to_rgb
 
@@ -55,6 +56,11 @@ class TorchSettings(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096, description="images per forward pass")
     half: bool = Field(False, description="fp16 autocast on CUDA; ignored (fp32) on CPU")
     num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; null = torch default")
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="engine for a frozen trunk on the CPU: onnxruntime exports it once and serves it through ONNX "
+        "Runtime; auto = onnxruntime where installed, else torch; on CUDA torch always serves",
+    )
     training: dict[str, Any] | None = Field(None, description="free-form section read by the trainer only")
 
 
@@ -122,7 +128,7 @@ class TorchDetector(DeepfakeDetector):
             source = "untrained"
         self.model.to(self.torch_device).eval()
         if isinstance(self.model, FoldedInference):  # its frozen part serves folded (same outputs, less CPU)
-            self.model.fold_for_inference()
+            self.model.fold_for_inference(onnx=self._serve_onnx())
         self._mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         self._std = torch.tensor(self.settings.std).view(3, 1, 1)
         log.info(
@@ -135,6 +141,22 @@ class TorchDetector(DeepfakeDetector):
             self.settings.batch_size,
             self.settings.image_size,
         )
+
+    def _serve_onnx(self) -> bool:
+        """Whether ONNX Runtime serves the frozen trunk, by `runtime`, device and what is installed."""
+        runtime = self.settings.runtime
+        if runtime == "torch" or not getattr(self.model, "serves_onnx", False):
+            return False
+        if self.torch_device.type != "cpu":
+            if runtime == "onnxruntime":
+                log.info("%s: runtime onnxruntime serves CPU devices only; torch serves on %s", self.name, self.torch_device)
+            return False
+        missing = onnxruntime_missing()
+        if missing and runtime == "onnxruntime":
+            raise ConfigError(f"{self.name}: runtime onnxruntime needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        if missing:
+            log.info("%s: %s not installed; torch serves the frozen trunk", self.name, ", ".join(missing))
+        return not missing
 
     # --- what subclasses provide -------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -10,7 +10,6 @@ The default is 0: the gate must stay well under the ~30 ms/image CAMO budget, an
 challenge is a small part of an image the general expert judges anyway.
 """
 
-import functools
 import importlib.util
 import logging
 import threading
@@ -48,17 +47,24 @@ def _number(config: dict[str, Any], key: str, default: float, low: float, high: 
     return value
 
 
-@functools.lru_cache(maxsize=4)
-def _load_models(landmarks: Path) -> tuple[Any, Any, threading.Lock]:
-    """Detector, landmark predictor and the lock guarding both, shared by every gate in the process.
+_PER_THREAD = threading.local()
 
-    Building dlib's detector takes ~0.35 s; dlib does not promise thread safety for either object.
+
+def _models(landmarks: Path) -> tuple[Any, Any]:
+    """This thread's HOG detector and landmark predictor.
+
+    dlib does not promise thread safety for either, and it releases the GIL while it works: one pair per thread lets
+    the miner's worker threads detect at once (a shared pair behind a lock made them take turns). Building a pair
+    takes ~0.35 s, once per thread.
     """
-    try:
-        predictor = dlib.shape_predictor(str(landmarks))
-    except RuntimeError as exc:
-        raise ConfigError(f"face gate: {str(landmarks)!r} is not a dlib shape predictor: {exc}") from exc
-    return dlib.get_frontal_face_detector(), predictor, threading.Lock()
+    models = _PER_THREAD.__dict__.setdefault("models", {})
+    if landmarks not in models:
+        try:
+            predictor = dlib.shape_predictor(str(landmarks))
+        except RuntimeError as exc:
+            raise ConfigError(f"face gate: {str(landmarks)!r} is not a dlib shape predictor: {exc}") from exc
+        models[landmarks] = (dlib.get_frontal_face_detector(), predictor)
+    return models[landmarks]
 
 
 @register_gate("face")
@@ -88,7 +94,8 @@ class FaceGate:
         landmarks = Path(config.get("landmarks") or default_landmarks_path())
         if not landmarks.is_file():
             raise ConfigError(f"face gate: landmark predictor {str(landmarks)!r} does not exist")
-        self._detector, self._predictor, self._lock = _load_models(landmarks.resolve())
+        self.landmarks = landmarks.resolve()
+        _models(self.landmarks)  # a bad predictor file fails here, at start-up
 
     def _largest_face(self, pixels: np.ndarray):
         """The largest accepted detection as a dlib rectangle in `pixels` coordinates, or None."""
@@ -98,8 +105,8 @@ class FaceGate:
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             small = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
-        with self._lock:
-            boxes, _, _ = self._detector.run(small, self.upsample, self.score_threshold)
+        detector, _ = _models(self.landmarks)
+        boxes, _, _ = detector.run(small, self.upsample, self.score_threshold)
         # `run` already drops detections scoring under the threshold.
         accepted = [box for box in boxes if min(box.width(), box.height()) / scale >= self.min_face_size]
         if not accepted:
@@ -115,8 +122,8 @@ class FaceGate:
         box = self._largest_face(pixels)
         if box is None:
             return []
-        with self._lock:
-            shape = self._predictor(pixels, box)
+        _, predictor = _models(self.landmarks)
+        shape = predictor(pixels, box)
         # dlib pads each side by `padding` x the tight face side, so the crop side is (1 + 2*padding) x tight.
         chip = dlib.get_face_chip(pixels, shape, size=self.crop_size, padding=(self.margin - 1.0) / 2.0)
         return [("face", Image.fromarray(chip))]
