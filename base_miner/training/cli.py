@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
     optim.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of the steps spent warming up linearly")
     optim.add_argument("--augment", type=_fraction, default=0.5, help="augmentation strength: mean number of times each operation is applied")
-    optim.add_argument("--augment-ops", default=",".join(DEFAULT_OPERATIONS), help=f"comma-separated operations to draw from, of {', '.join(OPERATIONS)}; challenge (the validator's challenge transform, brought back to the image's size) is opt-in")
+    optim.add_argument("--augment-ops", default=",".join(DEFAULT_OPERATIONS), help=f"comma-separated operations to draw from, of {', '.join(OPERATIONS)}; challenge (the validator's challenge transform, brought back to the image's size), noise and sharpen are opt-in")
     optim.add_argument("--seed", type=int, default=0, help="seeds initialisation, sampling and augmentation: same seed, same run")
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, help="run folder: best/ and last/ checkpoints, trainer state, metrics.jsonl")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from base_miner.detectors.probe import ProbeDetector
 from base_miner.registry import ConfigError, build_detector, build_gate, load_config
-from base_miner.training.augment import TrainAugment
+from base_miner.training.augment import OPERATIONS, TrainAugment
 from base_miner.training.cli import parse_overrides, run_command
 from base_miner.training.data import (
     DataError,
@@ -43,7 +43,7 @@ from base_miner.training.data import (
     select,
 )
 from bitmind.atomic import atomic_write_bytes
-from bitmind.image_codec import ImageDecodeError
+from bitmind.image_codec import ImageDecodeError, to_rgb
 
 __all__ = ["build_parser", "extract_features", "fit_head", "group_weights", "main"]
 
@@ -88,14 +88,14 @@ def _cv_loss(features, labels, weights, groups, c: float, folds: int) -> float:
     return float(log_loss(labels, np.clip(predictions, 1e-6, 1 - 1e-6), sample_weight=weights))
 
 
-# The settings that determine the raw features; the cache holds them all (head included), a fit takes its columns.
-_FEATURE_KEYS = ("backbone", "image_size", "resize_mode", "mean", "std")
+# The settings that determine the features (those the probe serves, read by the same fast path).
+_FEATURE_KEYS = ("backbone", "image_size", "resize_mode", "mean", "std", "include_head")
 
 
 def _cache_file(cache_dir: Path, detector: ProbeDetector, spec: DatasetSpec, rows: int, copies: int, seed: int,
-                augment: float) -> Path:  # fmt: skip
+                augment: float, views: Sequence[str]) -> Path:  # fmt: skip
     settings = {key: getattr(detector.settings, key) for key in _FEATURE_KEYS}
-    key = json.dumps([settings, str(spec), rows, copies, seed, augment], sort_keys=True, default=str)
+    key = json.dumps([settings, str(spec), rows, copies, seed, augment, list(views)], sort_keys=True, default=str)
     return cache_dir / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -120,27 +120,28 @@ def extract_features(
     cache_dir: Path,
     batch_size: int = 16,
     save_every: int = 512,
+    views: Sequence[str] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features of every readable row (clean, then `copies` augmented versions): (N × (1 + copies) × D, row ids).
+    """Features of every readable row — clean, then `copies` augmented versions, then one version per operation
+    named in `views` (that operation alone) — as (N × V × D, row ids), V = 1 + copies + len(views).
 
-    D covers every feature the backbone offers (head included), so one cache serves probes with and without the
-    head; `run` keeps the first `num_features` columns (stage statistics come first).
-
-    Copy k of row i is augmented from `(seed, i, k)`, so a resumed extraction computes what an uninterrupted one
-    would. Progress is saved to the cache every `save_every` rows.
+    The features are those the probe serves, computed the way it serves them (ONNX Runtime on a CPU, where
+    installed). Version k of row i is drawn from `(seed, i, k)`, so a resumed extraction computes what an
+    uninterrupted one would. Progress is saved to the cache every `save_every` rows.
     """
-    path = _cache_file(cache_dir, detector, spec, len(ds), copies, seed, augment.strength)
+    path = _cache_file(cache_dir, detector, spec, len(ds), copies, seed, augment.strength, views)
     cached = _load_cache(path)
-    features: list[np.ndarray] = list(cached.get("features", np.zeros((0, 1 + copies, 0))))
+    versions_per_row = 1 + copies + len(views)
+    features: list[np.ndarray] = list(cached.get("features", np.zeros((0, versions_per_row, 0))))
     kept: list[int] = cached.get("kept", np.zeros(0, np.int64)).tolist()
     start = int(cached.get("next_row", 0))
     if start:
         log.info("%s: resuming feature extraction at row %d of %d (%s)", spec.name, start, len(ds), path.name)
 
-    width = int(detector.features(torch.zeros(1, 3, 64, 64), include_head=True).shape[1])
+    width = detector.model.num_features
 
     def save(next_row: int) -> None:
-        stacked = np.stack(features) if features else np.zeros((0, 1 + copies, width))
+        stacked = np.stack(features) if features else np.zeros((0, versions_per_row, width))
         buffer = io.BytesIO()
         np.savez(buffer, features=stacked.astype(np.float32), kept=np.asarray(kept, np.int64), next_row=next_row)
         atomic_write_bytes(path, buffer.getvalue())
@@ -149,7 +150,7 @@ def extract_features(
     bar = tqdm(total=len(ds), initial=start, desc=f"features {spec.name}", unit="img", leave=False)
     for begin in range(start, len(ds), batch_size):
         rows = range(begin, min(begin + batch_size, len(ds)))
-        versions: list[list[torch.Tensor]] = [[] for _ in range(1 + copies)]
+        versions: list[list[torch.Tensor]] = [[] for _ in range(versions_per_row)]
         for row in rows:
             try:
                 image = decode_row_image(ds[row]["image"])
@@ -161,8 +162,10 @@ def extract_features(
             for k in range(1, 1 + copies):
                 rng = np.random.default_rng([seed, row, k])
                 versions[k].append(detector.transform(augment(image, rng)))
+            for k, name in enumerate(views, start=1 + copies):
+                versions[k].append(detector.transform(OPERATIONS[name](to_rgb(image), np.random.default_rng([seed, row, k]))))
         if versions[0]:
-            per_version = [detector.features(torch.stack(v), include_head=True).numpy() for v in versions]
+            per_version = [detector.features(torch.stack(v)).numpy() for v in versions]
             features.extend(np.stack(per_version, axis=1))
         bar.update(len(rows))
         done += len(rows)
@@ -172,11 +175,12 @@ def extract_features(
             unsaved = 0
     bar.close()
     if done:
-        log.info("%s: %d rows in %.0f s (%.1f images/s incl. %d augmented copies each)", spec.name, done,
-                 time.perf_counter() - started, done * (1 + copies) / (time.perf_counter() - started), copies)  # fmt: skip
+        log.info("%s: %d rows in %.0f s (%.1f images/s incl. %d other versions each)", spec.name, done,
+                 time.perf_counter() - started, done * versions_per_row / (time.perf_counter() - started),
+                 versions_per_row - 1)  # fmt: skip
     if not features:
         save(len(ds))
-    return np.stack(features) if features else np.zeros((0, 1 + copies, width)), np.asarray(kept)
+    return np.stack(features) if features else np.zeros((0, versions_per_row, width)), np.asarray(kept)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-config", default="camo", help="CAMO config whose gate makes the face crops")
     parser.add_argument("--copies", type=int, default=1, help="augmented copies of every image besides the clean one")
     parser.add_argument("--augment", type=float, default=0.5, help="strength of the augmented copies (bitmind-train's --augment)")
+    parser.add_argument("--views", default="",
+                        help=f"comma-separated operations, each adding one more version of every image with that operation "
+                        f"alone, applied to real and generated alike (e.g. noise,sharpen: camera traits a head must not "
+                        f"read as real-or-generated); of {', '.join(OPERATIONS)}")
     parser.add_argument("--c", default=",".join(str(c) for c in DEFAULT_CS),
                         help="comma-separated inverse L2 strengths; the one with the lowest source-out CV log-loss is used")
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
@@ -217,6 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--c must be comma-separated numbers, got {args.c!r}") from None
     if not cs or min(cs) <= 0:
         raise ConfigError(f"--c needs positive values, got {args.c!r}")
+    views = [name.strip() for name in args.views.split(",") if name.strip()]
+    unknown = sorted(set(views) - set(OPERATIONS))
+    if unknown:
+        raise ConfigError(f"--views: unknown operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
     holdout = [parse_selector(text) for text in args.holdout]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,17 +248,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             spec = DatasetSpec(spec.location + "#face-crops", spec.split, spec.selectors)
         if not len(ds):
             raise DataError(f"{spec.name}: no rows left after --holdout" + (" and the face gate" if gate else ""))
-        feats, kept = extract_features(detector, ds, spec, args.copies, augment, args.seed, cache_dir, args.batch_size)
-        blocks.append(feats[:, :, : detector.model.num_features])
+        feats, kept = extract_features(
+            detector, ds, spec, args.copies, augment, args.seed, cache_dir, args.batch_size, views=views
+        )
+        blocks.append(feats)
         labels.append(np.asarray(ds["label"])[kept])
         groups.append(np.asarray([f"{spec.name}/{s}" for s in np.asarray(ds["source"])[kept]]))
-    feats = np.concatenate(blocks)  # (N, 1 + copies, D)
+    feats = np.concatenate(blocks)  # (N, versions, D)
     y, g = np.concatenate(labels), np.concatenate(groups)
     if len(np.unique(y)) < 2:
         raise DataError("the training rows hold one class only; a head needs real and AI-generated images")
-    copies = feats.shape[1]
-    x = feats.reshape(-1, feats.shape[2])  # row-major: the copies of one image stay together
-    y_all, g_all = np.repeat(y, copies), np.repeat(g, copies)
+    versions = feats.shape[1]
+    x = feats.reshape(-1, feats.shape[2])  # row-major: the versions of one image stay together
+    y_all, g_all = np.repeat(y, versions), np.repeat(g, versions)
     w_all = group_weights(y_all, g_all)
     folds = min(args.folds, len(np.unique(g_all)))
     scores = {}
@@ -260,12 +274,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     detector.save(out)
     result = dict(
         detector=str(args.detector), c=best, cv_log_loss={str(c): s for c, s in scores.items()}, folds=folds,
-        images=int(len(y)), real=int((y == 0).sum()), fake=int((y == 1).sum()), copies=copies - 1,
+        images=int(len(y)), real=int((y == 0).sum()), fake=int((y == 1).sum()), copies=args.copies, views=views,
         groups=sorted(set(g.tolist())), holdout=[str(s) for s in holdout], train=list(args.train),
     )  # fmt: skip
     atomic_write_bytes(out / "fit.json", json.dumps(result, indent=2).encode())
-    log.info("fitted %s on %d images (%d real, %d fake, %d augmented copies each), C=%g; saved to %s",
-             detector.name, len(y), result["real"], result["fake"], copies - 1, best, out)  # fmt: skip
+    log.info("fitted %s on %d images (%d real, %d fake, %d other versions each), C=%g; saved to %s",
+             detector.name, len(y), result["real"], result["fake"], versions - 1, best, out)  # fmt: skip
     return result
 
 
