@@ -347,7 +347,7 @@ def test_local_subnet_end_to_end_with_a_miner_killed(tmp_path):
 
     workdir = tmp_path / "net"
     home = tmp_path / "home"  # a child writing under ~/.bitmind (a missing --neuron.state_dir) shows up here
-    env = {key: value for key, value in os.environ.items() if key != "BITMIND_HOME"}
+    env = {key: value for key, value in os.environ.items() if key not in ("BITMIND_HOME", "BITMIND_CACHE_DIR")}
     env["HOME"] = str(home)
     summary_path = tmp_path / "summary.json"
     output = tmp_path / "localnet.out"
@@ -406,7 +406,8 @@ def test_local_subnet_end_to_end_with_a_miner_killed(tmp_path):
     assert generator_beat["role"] == "generator" and generator_beat["pid"] in pids
     validator_beat = json.loads((workdir / "validator" / "heartbeat.json").read_text())
     assert validator_beat["synthetic_cached"] > 0  # the seeded sample, plus whatever the generator added
-    assert not (home / ".bitmind").exists()
+    assert not (home / ".bitmind").exists() and not (home / ".cache").exists(), list(home.rglob("*"))[:10]
+    assert list((workdir / "cache" / "bitmind" / "onnx").glob("*.onnx"))  # the probe miners' trunk, in the work folder
     chain = LocalChain(status["chain"])
     try:
         # weights land every epoch (4 blocks): the chain needs strictly more than weights_rate_limit blocks

@@ -101,6 +101,9 @@ class Localnet:
         self.semi_cache = self.workdir / "semi_synthetic_cache"
         self.validator_state = self.workdir / "validator"
         env = {**CHILD_THREADS, **os.environ, **CHILD_ENV, "HF_HOME": str(self.workdir / "hf_home")}
+        # Caches too stay in the work folder: the miners' exported ONNX trunks (BITMIND_CACHE_DIR defaults under it)
+        # and the device id ONNX Runtime writes when it is imported.
+        env["XDG_CACHE_HOME"] = str(self.workdir / "cache")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_project_root()), env.get("PYTHONPATH", "")) if p)
         self.supervisor = Supervisor(env, cwd=self.workdir)
         self.chain: LocalChain | None = None
