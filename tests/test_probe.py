@@ -75,11 +75,11 @@ def test_feature_extraction_resumes_where_it_stopped(parquet, tmp_path, monkeypa
     calls = {"n": 0}
     real_features = detector.features
 
-    def interrupted(batch, include_head=None):
+    def interrupted(batch):
         calls["n"] += 1
         if calls["n"] == 8:  # in the fourth batch of 4 rows (2 versions each), after the save at row 8
             raise KeyboardInterrupt
-        return real_features(batch, include_head)
+        return real_features(batch)
 
     monkeypatch.setattr(detector, "features", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -12,6 +12,7 @@ Runtime follows `torch.set_num_threads` exactly as the torch path does. If anyth
 logs why once and the folded torch copy serves from then on.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -29,7 +30,8 @@ from bitmind.atomic import atomic_write_bytes
 __all__ = ["OnnxTrunk", "cache_dir", "onnxruntime_missing"]
 
 log = logging.getLogger(__name__)
-for _chatty in ("onnx_ir", "onnxscript"):  # the exporter's passes log every rewrite at INFO: one export, dozens of lines
+# The exporter's passes log every rewrite at INFO: one export, dozens of lines.
+for _chatty in ("onnx_ir", "onnxscript"):
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 _REQUIRED = ("onnxruntime", "onnx", "onnxscript")
@@ -43,8 +45,9 @@ def onnxruntime_missing() -> list[str]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("BITMIND_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitmind"
-    return Path(root) / "onnx"
+    explicit = os.environ.get("BITMIND_CACHE_DIR")
+    root = Path(explicit) if explicit else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitmind"
+    return root / "onnx"
 
 
 def _content_hash(module: nn.Module, shape: tuple[int, ...]) -> str:
@@ -74,11 +77,11 @@ def _graph(module: nn.Module, shape: tuple[int, ...], fresh: bool = False) -> by
         if key in _GRAPHS and not fresh:
             return _GRAPHS[key]
         path = cache_dir() / f"{key}.onnx"
-        try:
-            if fresh:
-                raise FileNotFoundError(path)
-            graph = path.read_bytes()
-        except OSError:
+        graph = None
+        if not fresh:
+            with contextlib.suppress(OSError):  # not cached yet (or unreadable): export it
+                graph = path.read_bytes()
+        if graph is None:
             log.info("exporting a frozen trunk to ONNX for ONNX Runtime (once per trunk; cached as %s)", path)
             graph = _export(module, torch.zeros(2, *shape))
             try:
@@ -114,12 +117,13 @@ class OnnxTrunk:
                 options = onnxruntime.SessionOptions()
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
+                providers = ["CPUExecutionProvider"]
                 try:
-                    session = onnxruntime.InferenceSession(_graph(self.module, shape), options, providers=["CPUExecutionProvider"])
+                    session = onnxruntime.InferenceSession(_graph(self.module, shape), options, providers=providers)
                 except Exception as exc:  # noqa: BLE001 - e.g. a truncated or foreign file in the cache
                     log.warning("the cached ONNX graph does not load (%s); exporting it again", exc)
                     session = onnxruntime.InferenceSession(
-                        _graph(self.module, shape, fresh=True), options, providers=["CPUExecutionProvider"]
+                        _graph(self.module, shape, fresh=True), options, providers=providers
                     )
                 self._sessions[key] = session
             return self._sessions[key]

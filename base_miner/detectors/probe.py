@@ -82,14 +82,9 @@ class FrozenProbe(FoldedInference):
         self.backbone.eval()
         return self
 
-    def features(self, x: torch.Tensor, include_head: bool | None = None) -> torch.Tensor:
-        """Raw (unstandardised) pooled features: stage statistics first, then (optionally) the head's."""
-        if include_head is None or include_head == self.include_head:
-            return self.run_frozen(x)
-        folded = self.folded()  # the other feature set (feature extraction for fits): torch only
-        if folded is None:
-            return StageStatistics(self.backbone, include_head)(x)
-        return StageStatistics(folded.backbone, include_head)(x.contiguous(memory_format=torch.channels_last))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (unstandardised) pooled features: stage statistics first, then (with `include_head`) the head's."""
+        return self.run_frozen(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         standardised = (self.features(x) - self.feature_mean) / self.feature_scale
@@ -123,17 +118,18 @@ class ProbeDetector(TorchDetector):
         if not self.settings.pretrained:
             return
         backbone = self.model.backbone
-        weights = {k: v for k, v in load_package_state_dict(self.settings.backbone).items() if not k.startswith("_fc.")}
+        package = load_package_state_dict(self.settings.backbone)
+        weights = {k: v for k, v in package.items() if not k.startswith("_fc.")}
         result = backbone.load_state_dict(efficientnet_pytorch_to_timm(weights, backbone), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(f"{self.name}: ImageNet backbone did not load fully: {result}")
         log.info("%s: loaded the ImageNet %s backbone", self.name, self.settings.backbone)
 
     @torch.inference_mode()
-    def features(self, batch: torch.Tensor, include_head: bool | None = None) -> torch.Tensor:
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Raw pooled features of a normalised batch (what the head is fitted on)."""
         with self._autocast():
-            return self.model.features(batch.to(self.torch_device), include_head).float().cpu()
+            return self.model.features(batch.to(self.torch_device)).float().cpu()
 
     def set_head(self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: float) -> None:
         """Install a fitted standardisation and linear head (weight over standardised features)."""

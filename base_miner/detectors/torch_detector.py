@@ -145,15 +145,18 @@ class TorchDetector(DeepfakeDetector):
     def _serve_onnx(self) -> bool:
         """Whether ONNX Runtime serves the frozen trunk, by `runtime`, device and what is installed."""
         runtime = self.settings.runtime
-        if runtime == "torch" or not getattr(self.model, "serves_onnx", False):
+        if runtime == "torch" or not self.model.serves_onnx:
             return False
         if self.torch_device.type != "cpu":
             if runtime == "onnxruntime":
-                log.info("%s: runtime onnxruntime serves CPU devices only; torch serves on %s", self.name, self.torch_device)
+                log.info("%s: runtime onnxruntime serves CPU devices only; torch serves on %s", self.name,
+                         self.torch_device)  # fmt: skip
             return False
         missing = onnxruntime_missing()
         if missing and runtime == "onnxruntime":
-            raise ConfigError(f"{self.name}: runtime onnxruntime needs {', '.join(missing)}: pip install {' '.join(missing)}")
+            raise ConfigError(
+                f"{self.name}: runtime onnxruntime needs {', '.join(missing)}: pip install {' '.join(missing)}"
+            )
         if missing:
             log.info("%s: %s not installed; torch serves the frozen trunk", self.name, ", ".join(missing))
         return not missing
