@@ -182,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=24, help="Batches per size for the in-process figures.")
     parser.add_argument("--skip-reference", action="store_true", help="Do not measure the reference stand-in.")
     parser.add_argument("--index", default="", help="Also serve our miner with this retrieval index (--miner.index).")
-    parser.add_argument("--images", choices=("photos", "challenges"), default="photos",
-                        help="What is served: random 256² crops of scikit-image's sample photos, or validator "
-                             "challenges (default augmentation mix) made from --data's generated diverse/train images, "
-                             "what a miner is sent when the challenge is generated.")  # fmt: skip
-    parser.add_argument("--data", default="../shared/data", help="The shared data folder (for --images challenges).")
+    parser.add_argument("--images", choices=("photos", "challenges", "heldout"), default="photos",
+                        help="What is served: random 256² crops of scikit-image's sample photos; validator challenges "
+                             "(default augmentation mix) made from --data's generated diverse/train images, what a "
+                             "miner is sent when the challenge is generated; or such challenges made from the held-out "
+                             "protocol's real and generated rows (images no shipped detector was fitted on).")  # fmt: skip
+    parser.add_argument("--data", default="../shared/data", help="The shared data folder (for challenges and heldout).")
     parser.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--wallets", default="", help=argparse.SUPPRESS)
@@ -202,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     from neurons.miner import usable_cores
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    if args.images == "challenges":
+    if args.images in ("challenges", "heldout"):
+        from base_miner.arena.protocol import protocol_spec
         from retrieval import served_sample  # benchmarks/retrieval.py, beside this script
 
-        images = served_sample(args.data)
+        spec = protocol_spec(f"{args.data}/diverse") if args.images == "heldout" else None
+        images = served_sample(args.data, count=128 if spec else 64, spec=spec)
     else:
         images = challenge_images(64)
     payloads = [encode_image(images[i % len(images)]) for i in range(args.queries)]

@@ -204,9 +204,10 @@ def camo_cost(images: list, config: str, index: Path, repeats: int = 3) -> dict[
     return ms | {"ratio": ms["with_ms"] / ms["without_ms"]}
 
 
-def served_sample(data: str, count: int = 64, seed: int = 3) -> list:
+def served_sample(data: str, count: int = 64, seed: int = 3, spec: str | None = None) -> list:
     """What a miner is served when the challenge is generated: `count` generated `diverse/train` images (not the
-    fitting set) made into validator challenges at levels drawn from the validator's default mix."""
+    fitting set), or `count` rows of `spec`, made into validator challenges at levels drawn from the validator's
+    default mix."""
     from base_miner.retrieval.cli import validator_challenge
     from validator.augment import DEFAULT_LEVEL_PROBS
 
@@ -214,7 +215,7 @@ def served_sample(data: str, count: int = 64, seed: int = 3) -> list:
     levels, weights = list(DEFAULT_LEVEL_PROBS), np.array(list(DEFAULT_LEVEL_PROBS.values()))
     rng = np.random.default_rng(seed)
     return [make(image, rng, int(rng.choice(levels, p=weights / weights.sum())))
-            for image in _images(f"{data}/diverse/train.parquet?label=1", count)]  # fmt: skip
+            for image in _images(spec or f"{data}/diverse/train.parquet?label=1", count)]  # fmt: skip
 
 
 def main() -> int:

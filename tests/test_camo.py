@@ -120,6 +120,50 @@ def test_camo_general_on_faces_false_leaves_faces_to_the_face_expert(pictures):
     assert (coffee.experts, coffee.probability) == ({"general": 0.7}, 0.7)
 
 
+def _count_gate_calls(camo: CAMO) -> list:
+    seen = []
+    route = camo.gate.route
+    camo.gate.route = lambda image: seen.append(image.size) or route(image)
+    return seen
+
+
+def test_camo_gate_margin_skips_the_gate_where_the_general_expert_is_confident(pictures):
+    camo = build_detector(camo_config(face=0.1, general=0.95, gate_margin=0.3), device="cpu")
+    gated = _count_gate_calls(camo)
+    astronaut, coffee = camo.predict_detailed([pictures["astronaut"], pictures["coffee"]])
+    # 0.95 is further than 0.3 from 0.5: the answer is final, the face is never looked for.
+    assert gated == [] and camo.experts["face"].calls == []
+    assert (astronaut.route, astronaut.experts, astronaut.probability) == ("general", {"general": 0.95}, 0.95)
+    assert (coffee.route, coffee.probability) == ("general", 0.95)
+
+
+def test_camo_gate_margin_sends_unsure_images_through_the_gate_in_one_expert_call(pictures):
+    config = camo_config(face=0.1, general=0.6, gate_margin=0.3, combine="weighted_mean", weights={"face": 1, "general": 1})
+    camo = build_detector(config, device="cpu")
+    gated = _count_gate_calls(camo)
+    batch = [pictures[name] for name in ("astronaut", "coffee", "astronaut")]
+    predictions = camo.predict_detailed(batch)
+    assert len(gated) == 3  # every image was unsure (0.6)
+    assert camo.experts["general"].calls == [[image.size for image in batch]]  # first, every full image
+    assert camo.experts["face"].calls == [[(256, 256), (256, 256)]]  # then both faces at once
+    assert [p.route for p in predictions] == ["face", "general", "face"]
+    assert predictions[0].experts == {"general": 0.6, "face": 0.1}
+    assert predictions[0].probability == pytest.approx(0.35) and predictions[1].probability == pytest.approx(0.6)
+
+
+def test_camo_gate_margin_decides_per_image_in_a_mixed_batch(pictures):
+    """The general stand-in answers each image's mean brightness: only those within the margin of 0.5 are gated."""
+    brightness = {name: mean_brightness(pictures[name]) for name in ("astronaut", "coffee", "chelsea")}
+    margin = 0.5 * (abs(brightness["astronaut"] - 0.5) + abs(brightness["coffee"] - 0.5))
+    assert abs(brightness["astronaut"] - 0.5) < margin < abs(brightness["coffee"] - 0.5)  # the pictures allow it
+    camo = build_detector(camo_config(face=0.9, general="mean", gate_margin=margin), device="cpu")
+    gated = _count_gate_calls(camo)
+    predictions = camo.predict_detailed([pictures["coffee"], pictures["astronaut"]])
+    assert gated == [pictures["astronaut"].size]
+    assert [p.route for p in predictions] == ["general", "face"]
+    assert predictions[1].probability == 0.9  # max of the face expert and the general one
+
+
 def test_camo_calls_each_expert_once_per_batch_with_its_group(pictures):
     camo = build_detector(camo_config(), device="cpu")
     batch = [pictures[name] for name in ("astronaut", "coffee", "chelsea", "astronaut")]
@@ -200,6 +244,15 @@ def test_camo_reads_experts_from_yaml_paths_relative_to_its_config(tmp_path, pic
         ({"general_on_faces": "yes"}, "general_on_faces"),
         ({"gate": "no-such-gate"}, "unknown gate"),
         ({"gate": {"name": "face", "upsample": 3}}, "upsample"),
+        ({"gate_margin": 0}, "gate_margin must be"),
+        ({"gate_margin": 0.6}, "gate_margin must be"),
+        ({"gate_margin": True}, "gate_margin must be"),
+        ({"gate_margin": "half"}, "gate_margin must be"),
+        ({"gate_margin": 0.3, "general_on_faces": False}, "needs general_on_faces"),
+        ({"gate_margin": 0.3, "experts": {"face": {"detector": STAND_IN, "value": 0.5},
+                                          "general": {"detector": STAND_IN, "value": 0.5},
+                                          "tiny": {"detector": STAND_IN, "value": 0.5}},
+          "resolution_route": {"max_side": 64, "expert": "tiny", "max_effective_side": 36}}, "max_effective_side"),
     ],
 )
 def test_camo_rejects_bad_config_at_construction(change, message):
@@ -215,7 +268,11 @@ def test_packaged_camo_config_builds_the_real_experts_and_predicts(pictures):
         "tiny": "tiny_cnn",
     }
     thumbnail = pictures["coffee"].resize((32, 32))
+    gated = _count_gate_calls(camo)
     astronaut, coffee, thumb = camo.predict_detailed([pictures["astronaut"], pictures["coffee"], thumbnail])
+    # The probe is unsure of the astronaut (within gate_margin of 0.5), so the gate looks for its face; the
+    # thumbnail never reaches the gate.
+    assert pictures["astronaut"].size in gated and thumbnail.size not in gated
     assert astronaut.route == "face" and set(astronaut.experts) == {"face", "general"}
     assert coffee.route == "general" and set(coffee.experts) == {"general"}
     assert thumb.route == "tiny" and set(thumb.experts) == {"tiny"}
