@@ -1,7 +1,8 @@
 """Stand-in CAMO experts and the scikit-image test pictures shared by the CAMO and `bitmind-detect` tests.
 
-The stand-in expert answers a configured constant (`value: 0.9`) or the mean brightness of each input
-(`value: mean`, so outputs identify their image), and records the sizes of every batch it was given.
+The stand-in expert answers a configured constant (`value: 0.9`), the mean brightness of each input (`value: mean`,
+so outputs identify their image) or of its left half (`value: left`, so a mirror image answers differently), and
+records the sizes of every batch it was given.
 """
 
 from typing import Any
@@ -14,13 +15,17 @@ from skimage import data
 from base_miner.detectors.base import DeepfakeDetector, Prediction
 from base_miner.registry import register_detector
 
-__all__ = ["STAND_IN", "StandInExpert", "camo_config", "mean_brightness", "pictures"]
+__all__ = ["STAND_IN", "StandInExpert", "camo_config", "left_brightness", "mean_brightness", "pictures"]
 
 STAND_IN = "camo-test-stand-in"
 
 
 def mean_brightness(image: Image.Image) -> float:
     return float(np.asarray(image, dtype=np.float64).mean() / 255.0)
+
+
+def left_brightness(image: Image.Image) -> float:
+    return mean_brightness(image.crop((0, 0, image.width // 2, image.height)))
 
 
 @register_detector(STAND_IN)
@@ -34,7 +39,8 @@ class StandInExpert(DeepfakeDetector):
     def predict_detailed(self, images: list[Image.Image]) -> list[Prediction]:
         self.calls.append([image.size for image in images])
         value = self.config["value"]
-        return [Prediction(mean_brightness(image) if value == "mean" else float(value)) for image in images]
+        answer = {"mean": mean_brightness, "left": left_brightness}.get(value, lambda image: float(value))
+        return [Prediction(answer(image)) for image in images]
 
 
 def camo_config(face: Any = 0.9, general: Any = 0.2, **keys: Any) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """Face gate and CAMO: routing by content, one expert call per batch, combination rules, bad configs."""
 
 import logging
+import math
 import threading
 
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 from base_miner.detectors.camo import CAMO
 from base_miner.gates import face as face_gate
 from base_miner.gates.face import FaceGate
 from base_miner.registry import ConfigError, build_detector
-from tests._fixtures_camo import STAND_IN, camo_config, mean_brightness, pictures  # noqa: F401 (fixture)
+from tests._fixtures_camo import STAND_IN, camo_config, left_brightness, mean_brightness, pictures  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,48 @@ def test_camo_gate_margin_decides_per_image_in_a_mixed_batch(pictures):
     assert predictions[1].probability == 0.9  # max of the face expert and the general one
 
 
+def test_camo_mirror_margin_averages_the_logits_of_an_unsure_image_and_its_mirror(pictures):
+    """The general stand-in reads the left half: the mirror image shows it the right half."""
+    astronaut, coffee = pictures["astronaut"], pictures["coffee"]
+    left = {name: left_brightness(pictures[name]) for name in ("astronaut", "coffee")}
+    right = {name: left_brightness(ImageOps.mirror(pictures[name])) for name in ("astronaut", "coffee")}
+    margin = 0.5 * (abs(left["astronaut"] - 0.5) + abs(left["coffee"] - 0.5))
+    assert abs(left["astronaut"] - 0.5) < margin < abs(left["coffee"] - 0.5)  # the pictures allow it
+    assert abs(left["astronaut"] - right["astronaut"]) > 0.01
+    config = camo_config(face=0.5, general="left", gate_margin=margin, mirror_margin=margin, combine="weighted_mean",
+                         weights={"face": 1, "general": 1})  # fmt: skip
+    camo = build_detector(config, device="cpu")
+    first, second = camo.predict_detailed([coffee, astronaut])
+    assert camo.experts["general"].calls == [[coffee.size, astronaut.size], [astronaut.size]]  # only the unsure one
+    assert first.experts == {"general": pytest.approx(left["coffee"])}  # a confident answer stays as it was
+
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    expected = 1 / (1 + math.exp(-(logit(left["astronaut"]) + logit(right["astronaut"])) / 2))
+    assert second.route == "face" and second.experts["general"] == pytest.approx(expected)
+    assert second.probability == pytest.approx((expected + 0.5) / 2)
+
+
+def test_camo_mirror_margin_survives_an_expert_answering_exactly_0_or_1(pictures):
+    camo = build_detector(camo_config(face=0.5, general=1.0, gate_margin=0.5, mirror_margin=0.5), device="cpu")
+    answers = iter([[0.6], [1.0]])  # unsure at first, then certain on the mirror image
+    camo.experts["general"].predict = lambda images: next(answers)
+    [prediction] = camo.predict_detailed([pictures["coffee"]])
+    assert 0.6 < prediction.experts["general"] < 1.0 and math.isfinite(prediction.probability)
+
+
+def test_camo_mirror_margin_narrower_than_gate_margin_mirrors_only_the_closest_calls(pictures):
+    brightness = {name: left_brightness(pictures[name]) for name in ("astronaut", "coffee")}
+    near, far = sorted(brightness, key=lambda name: abs(brightness[name] - 0.5))
+    between = 0.5 * (abs(brightness[near] - 0.5) + abs(brightness[far] - 0.5))
+    camo = build_detector(camo_config(general="left", gate_margin=0.5, mirror_margin=between), device="cpu")
+    gated = _count_gate_calls(camo)
+    camo.predict_detailed([pictures["astronaut"], pictures["coffee"]])
+    assert len(gated) == 2  # both within the gate's margin
+    assert camo.experts["general"].calls[1] == [pictures[near].size] and len(camo.experts["general"].calls) == 2
+
+
 def test_camo_calls_each_expert_once_per_batch_with_its_group(pictures):
     camo = build_detector(camo_config(), device="cpu")
     batch = [pictures[name] for name in ("astronaut", "coffee", "chelsea", "astronaut")]
@@ -249,6 +292,9 @@ def test_camo_reads_experts_from_yaml_paths_relative_to_its_config(tmp_path, pic
         ({"gate_margin": True}, "gate_margin must be"),
         ({"gate_margin": "half"}, "gate_margin must be"),
         ({"gate_margin": 0.3, "general_on_faces": False}, "needs general_on_faces"),
+        ({"mirror_margin": 0.1}, "needs gate_margin"),
+        ({"gate_margin": 0.3, "mirror_margin": "yes"}, "mirror_margin must be"),
+        ({"gate_margin": 0.3, "mirror_margin": 0.7}, "mirror_margin must be"),
         ({"gate_margin": 0.3, "experts": {"face": {"detector": STAND_IN, "value": 0.5},
                                           "general": {"detector": STAND_IN, "value": 0.5},
                                           "tiny": {"detector": STAND_IN, "value": 0.5}},

@@ -13,7 +13,9 @@ group, and each image's expert outputs are combined into one probability. Routin
    images without a gate region).
 With `gate_margin: m` the order of 2 and 3 turns into a cascade: the `always` experts answer first, and only an
 image they answer within m of 0.5 goes through the gate to the content experts. A confident answer is final, so the
-gate and the face expert, about half of CAMO's CPU time, are spent only where a second opinion can matter.
+gate and the face expert, about half of CAMO's CPU time, are spent only where a second opinion can matter. With
+`mirror_margin: n` an image they answer within n of 0.5 is also shown, mirrored, to the `always` experts, and each
+one's answer becomes the mean of its two logits: test-time mirroring where it can change a decision, not everywhere.
 Combining: `stacked` (a logistic regression over expert logits fitted on images no expert trained on, see
 `aggregator.py`), `weighted_mean`, or `max` (the reference subnet's rule, which lets one false alarm decide).
 Maps: an expert that produces generated-pixel maps (a segmenter among the `always` experts) lends its map of the
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from base_miner.detectors.aggregator import StackedAggregator
 from base_miner.detectors.base import DeepfakeDetector, Prediction
@@ -42,7 +44,7 @@ RETRIEVAL = "retrieval"  # the route of an image answered by the retrieval index
 COMBINE_RULES = ("max", "weighted_mean", "stacked")
 _KNOWN_KEYS = {
     "detector", "name", "description", "device", "config_dir", "gate", "experts", "combine", "weights",
-    "general_on_faces", "always", "resolution_route", "aggregator", "retrieval", "gate_margin",
+    "general_on_faces", "always", "resolution_route", "aggregator", "retrieval", "gate_margin", "mirror_margin",
 }  # fmt: skip
 
 
@@ -59,6 +61,21 @@ def _resolve_expert(spec: Any, config_dir: str | None) -> str | dict[str, Any]:
             return str(Path(config_dir) / path)
         return str(spec)
     raise ConfigError(f"CAMO expert config must be a config name, a YAML path or a mapping, got {spec!r}")
+
+
+def _check_margin(key: str, margin: Any) -> float | None:
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 0.5:
+        raise ConfigError(f"CAMO: {key} must be a number in (0, 0.5] or null, got {margin!r}")
+    return float(margin)
+
+
+def _mean_logit(first: float, second: float) -> float:
+    """The probability whose logit is the mean of the two answers' logits (answers of 0 or 1 are clipped first)."""
+    first, second = (min(1.0 - 1e-7, max(1e-7, p)) for p in (first, second))
+    mean = 0.5 * (math.log(first / (1.0 - first)) + math.log(second / (1.0 - second)))
+    return 1.0 / (1.0 + math.exp(-mean))
 
 
 @register_detector("CAMO")
@@ -79,6 +96,8 @@ class CAMO(DeepfakeDetector):
       general_on_faces  also run the `always` experts on the full image when the gate found a region (default true)
       gate_margin       m in (0, 0.5]: the gate sees only images the `always` experts answer within m of 0.5 (they
                         answer first; needs general_on_faces true and no max_effective_side); null: every image
+      mirror_margin     n in (0, 0.5], with gate_margin: the always experts also read the mirror image of an image they
+                        answered within n of 0.5, and each one's answer is the mean of the two logits; null: never
     """
 
     def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
@@ -109,6 +128,9 @@ class CAMO(DeepfakeDetector):
                     f"{sorted(getattr(self.gate, 'content_types', ()))}, listed in always, or the resolution route's"
                 )
         self.gate_margin = self._check_gate_margin(self.config.get("gate_margin"))
+        self.mirror_margin = _check_margin("mirror_margin", self.config.get("mirror_margin"))
+        if self.mirror_margin is not None and self.gate_margin is None:
+            raise ConfigError("CAMO: mirror_margin needs gate_margin (the always experts must answer first)")
         combined = [name for name in specs if name != self.tiny_expert]  # the thumbnail expert answers alone
         self.weights = self._check_weights(self.config.get("weights"), combined)
         config_dir = self.config.get("config_dir")
@@ -124,7 +146,7 @@ class CAMO(DeepfakeDetector):
             self.retrieval = RetrievalExpert.from_config(self.config["retrieval"], device=self.device)
         log.info(
             "CAMO ready: gate %s, experts %s, always %s, thumbnails (≤ %s px, effective ≤ %s px) → %s, combine %s, "
-            "general_on_faces %s, gate_margin %s",
+            "general_on_faces %s, gate_margin %s, mirror_margin %s",
             type(self.gate).__name__,
             {name: expert.name for name, expert in self.experts.items()},
             self.always,
@@ -134,6 +156,7 @@ class CAMO(DeepfakeDetector):
             self.combine,
             self.general_on_faces,
             self.gate_margin,
+            self.mirror_margin,
         )
 
     @staticmethod
@@ -158,15 +181,14 @@ class CAMO(DeepfakeDetector):
         return side, expert, effective
 
     def _check_gate_margin(self, margin: Any) -> float | None:
+        margin = _check_margin("gate_margin", margin)
         if margin is None:
             return None
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 0.5:
-            raise ConfigError(f"CAMO: gate_margin must be a number in (0, 0.5] or null, got {margin!r}")
         if not self.general_on_faces:
             raise ConfigError("CAMO: gate_margin needs general_on_faces: true (the always experts answer first)")
         if self.tiny_effective_side:
             raise ConfigError("CAMO: gate_margin cannot combine with max_effective_side, whose route needs the gate first")
-        return float(margin)
+        return margin
 
     def _load_aggregator(self, config_dir: str | None) -> StackedAggregator | None:
         if self.combine != "stacked":
@@ -256,6 +278,14 @@ class CAMO(DeepfakeDetector):
                 if prob_map is not None and region is images[index]:  # a map of a crop is not the image's map
                     masks[index] = prob_map
 
+    def _mirror_views(self, indices: list[int], images: list[Image.Image], outputs: list[dict[str, float]]) -> None:
+        """Each `always` expert also reads the mirror image of `indices`; its answer becomes the mean of both logits."""
+        mirrored = [ImageOps.mirror(images[index]) for index in indices]
+        for name in self.always:
+            probabilities, _ = self._run_expert(name, mirrored)  # a map of the mirror image is not the image's map
+            for index, probability in zip(indices, probabilities):
+                outputs[index][name] = _mean_logit(outputs[index][name], probability)
+
     def predict_detailed(self, images: list[Image.Image]) -> list[Prediction]:
         """Route every image, run each expert once on its group, combine per image (order kept)."""
         routes: list[str] = [GENERAL] * len(images)
@@ -287,10 +317,14 @@ class CAMO(DeepfakeDetector):
         masks: list[np.ndarray | None] = [None] * len(images)
         self._run_queues(queues, images, outputs, masks)
         if deferred:
+            doubt = {index: abs(self._combine(outputs[index]) - 0.5) for index in deferred}
+            mirror = [index for index in deferred if self.mirror_margin is not None and doubt[index] < self.mirror_margin]
+            if mirror:
+                self._mirror_views(mirror, images, outputs)
+            unsure = [index for index in deferred if doubt[index] < self.gate_margin]
             queues = {name: [] for name in self.experts}
-            for index in deferred:
-                if abs(self._combine(outputs[index]) - 0.5) < self.gate_margin:
-                    self._enqueue_regions(index, self._route(index, images[index]), routes, queues)
+            for index in unsure:
+                self._enqueue_regions(index, self._route(index, images[index]), routes, queues)
             self._run_queues(queues, images, outputs, masks)
         predictions = []
         for route, experts, match, mask in zip(routes, outputs, matches, masks):
