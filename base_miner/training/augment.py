@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 
 from bitmind.image_codec import to_rgb
 
-__all__ = ["DEFAULT_OPERATIONS", "OPERATIONS", "OPT_IN_OPERATIONS", "TrainAugment"]
+__all__ = ["DEFAULT_OPERATIONS", "OPERATIONS", "OPT_IN_OPERATIONS", "TrainAugment", "check_operations", "parse_operations"]
 
 _INTERPOLATIONS = (
     Image.Resampling.NEAREST,
@@ -145,16 +145,26 @@ OPT_IN_OPERATIONS = ("challenge", "noise", "sharpen")
 DEFAULT_OPERATIONS = tuple(name for name in OPERATIONS if name not in OPT_IN_OPERATIONS)
 
 
+def check_operations(names: Sequence[str]) -> list[str]:
+    """`names` as a list, or a ValueError naming those that are not operations."""
+    unknown = sorted(set(names) - set(OPERATIONS))
+    if unknown:
+        raise ValueError(f"augmentation: unknown operation(s) {unknown}; choose from {list(OPERATIONS)}")
+    return list(names)
+
+
+def parse_operations(text: str) -> list[str]:
+    """A comma-separated flag value (`--augment-ops`, `--views`) as checked operation names."""
+    return check_operations([name.strip() for name in text.split(",") if name.strip()])
+
+
 class TrainAugment:
     """`augment(image, rng)`: a random multiset of `ops`, applied in random order; deterministic given `rng`."""
 
     def __init__(self, strength: float = 0.5, ops: Sequence[str] | None = None, max_repeats: int = 2) -> None:
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"augmentation strength must be in [0, 1], got {strength!r}")
-        ops = list(DEFAULT_OPERATIONS) if ops is None else list(ops)
-        unknown = sorted(set(ops) - set(OPERATIONS))
-        if unknown:
-            raise ValueError(f"unknown augmentation operation(s) {unknown}; choose from {list(OPERATIONS)}")
+        ops = check_operations(DEFAULT_OPERATIONS if ops is None else ops)
         if not 1 <= int(max_repeats) <= 8:
             raise ValueError(f"max_repeats must be in [1, 8], got {max_repeats!r}")
         self.strength = float(strength)

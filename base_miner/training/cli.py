@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from base_miner.registry import ConfigError
-from base_miner.training.augment import DEFAULT_OPERATIONS, OPERATIONS
+from base_miner.training.augment import DEFAULT_OPERATIONS, OPERATIONS, parse_operations
 from base_miner.training.data import DataError, parse_selector
 from base_miner.training.distributed import DEFAULT_TIMEOUT_S, launched_rank
 from base_miner.training.trainer import TrainConfig, Trainer
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for text in args.holdout:
         parse_selector(text)  # fail before loading anything
-    ops = [op.strip() for op in args.augment_ops.split(",") if op.strip()]
+    ops = parse_operations(args.augment_ops)
     return TrainConfig(
         detector=args.detector, train=args.train, val=args.val, holdout=args.holdout, out=args.out,
         overrides=parse_overrides(args.overrides), epochs=args.epochs, samples_per_epoch=args.samples_per_epoch,

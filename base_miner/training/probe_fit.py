@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from base_miner.detectors.probe import ProbeDetector
 from base_miner.registry import ConfigError, build_detector, build_gate, load_config
-from base_miner.training.augment import OPERATIONS, TrainAugment
+from base_miner.training.augment import OPERATIONS, TrainAugment, parse_operations
 from base_miner.training.cli import parse_overrides, run_command
 from base_miner.training.data import (
     DataError,
@@ -225,10 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--c must be comma-separated numbers, got {args.c!r}") from None
     if not cs or min(cs) <= 0:
         raise ConfigError(f"--c needs positive values, got {args.c!r}")
-    views = [name.strip() for name in args.views.split(",") if name.strip()]
-    unknown = sorted(set(views) - set(OPERATIONS))
-    if unknown:
-        raise ConfigError(f"--views: unknown operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
+    try:
+        views = parse_operations(args.views)
+    except ValueError as exc:
+        raise ConfigError(f"--views: {exc}") from None
     holdout = [parse_selector(text) for text in args.holdout]
     if args.threads:
         torch.set_num_threads(args.threads)
