@@ -226,3 +226,63 @@ def test_a_backbone_without_its_weight_package_says_what_to_install(monkeypatch)
         build_detector("probe", device="cpu", weights=None, backbone="tf_efficientnet_lite2")
     with pytest.raises(Exception, match="backbone"):
         build_detector("probe", device="cpu", weights=None, backbone="tf_efficientnet_lite4")
+
+
+def _stage_statistics(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Reference: per-stage channel mean and std of timm's own stem and blocks (no folding, no ONNX)."""
+    x, pooled = net.bn1(net.conv_stem(x)), []
+    for stage in net.blocks:
+        x = stage(x)
+        pooled += [x.mean((2, 3)), x.std((2, 3))]
+    return torch.cat(pooled, 1)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_zoom_view_appends_the_centre_crop_read_with_the_stem_at_stride_one(runtime, tmp_path, monkeypatch):
+    """zoom_crop: the 256² statistics unchanged, then the same statistics of the centre crop with the stem at stride 1
+    (timm's own stem with its stride set to 1, as reference). Trunks that read differently never share a cached ONNX
+    graph, although their weights and input shape are the same."""
+    import copy
+
+    from base_miner.detectors import onnx_serving
+
+    monkeypatch.setenv("BITMIND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_serving, "_GRAPHS", {})  # no graph remembered from earlier tests
+    plain = build_detector("probe", device="cpu", weights=None, image_size=SIZE, runtime=runtime)
+    zoom = build_detector("probe", device="cpu", weights=None, image_size=SIZE, zoom_crop=32, runtime=runtime)
+    assert zoom.model.num_features == 2 * plain.model.num_features == 2 * 1568
+    batch = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, base = zoom.features(batch), plain.features(batch)
+        reference_net = copy.deepcopy(plain.model.backbone)
+        reference_net.conv_stem.stride = (1, 1)
+        want = _stage_statistics(reference_net, batch[:, :, 16:48, 16:48])
+    assert got.shape == (3, 3136)
+    tolerance = 1e-4 * float(want.abs().max())
+    assert torch.allclose(got[:, :1568], base, atol=tolerance)
+    assert torch.allclose(got[:, 1568:], want, atol=tolerance)
+    assert not torch.allclose(got[:, 1568:], base, atol=1e-2)  # the zoom view reads other pixels at another scale
+    if runtime == "onnxruntime":  # and a trunk with the pooled head: three trunks, three graphs
+        head = build_detector("probe", device="cpu", weights=None, image_size=SIZE, include_head=True, runtime=runtime)
+        with torch.inference_mode():
+            assert head.features(batch).shape == (3, 1568 + 1280)
+        assert all(d.model.onnx_trunk().failed is None for d in (plain, zoom, head))
+        assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 3
+
+
+@pytest.mark.parametrize("zoom_crop, message", [(SIZE + 1, "must not exceed image_size"), (8, "greater than or equal")])
+def test_zoom_crop_out_of_range_is_a_config_error(zoom_crop, message):
+    from base_miner.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_detector("probe", device="cpu", weights=None, image_size=SIZE, zoom_crop=zoom_crop)
+
+
+def test_feature_cache_is_keyed_by_the_zoom_view(tmp_path):
+    spec = DatasetSpec.parse("x.parquet")
+    caches = {
+        probe_fit._cache_file(tmp_path, build_detector("probe", device="cpu", weights=None, image_size=SIZE, zoom_crop=z),
+                              spec, 10, 1, 0, 0.5, [])  # fmt: skip
+        for z in (None, 32)
+    }
+    assert len(caches) == 2

@@ -10,6 +10,11 @@ contributes the per-channel mean and standard deviation of its feature map: 2 ×
 320) = 1,568 numbers for Lite0 (`include_head` appends the head's 1,280 — measured worse on unseen sources: source-out
 CV AUC 0.90 without, 0.89 with, 0.86 with the head alone; docs/TRAINING.md). Images are read at native scale —
 centre-cropped, never resampled when large enough — so the traces survive.
+The optional zoom view (`zoom_crop`, off by default): the stem's stride 2 halves the resolution before any filter has
+seen single pixels, where up-sampling and decoder traces live; reading the centre crop again with the stem at stride 1
+(a 2× magnification without interpolation) appends a second set of stage statistics. It lifts the clean held-out
+families but loses on the validator's augmented challenges, whose JPEG and resampling erase those pixels
+(docs/TRAINING.md, "Tried once features came at serving speed"), so the packaged probe does not use it.
 
 Serving runs a folded copy of the frozen trunk (`folding.py`: the same features, about a third less CPU time), on the
 CPU through ONNX Runtime where it is installed (`onnx_serving.py`, `runtime` in TorchSettings); the copies are
@@ -21,7 +26,8 @@ from typing import Literal
 
 import timm
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from base_miner.checkpoint import WeightsError
@@ -39,20 +45,40 @@ class StageStatistics(nn.Module):
     """The frozen trunk: per-channel mean and std of every stage's feature map (then, optionally, the head's pooled
     features). Built around the probe's backbone on demand, so the checkpoint keys stay `backbone.*`."""
 
-    def __init__(self, backbone: nn.Module, include_head: bool) -> None:
+    def __init__(self, backbone: nn.Module, include_head: bool, zoom_crop: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.include_head = include_head
+        self.zoom_crop = zoom_crop
+
+    def extra_repr(self) -> str:
+        """Part of the ONNX graph cache's key (`onnx_serving`), so trunks that read differently never share a graph."""
+        return f"include_head={self.include_head}, zoom_crop={self.zoom_crop}"
+
+    def _stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each stage's per-channel mean and std of a stem output, and the last stage's map."""
+        pooled = []
+        for stage in self.backbone.blocks:
+            x = stage(x)
+            pooled += [x.mean((2, 3)), x.std((2, 3))]
+        return pooled, x
+
+    def _zoomed_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem at stride 1 over the centre `zoom_crop`² crop (the whole image if it is smaller)."""
+        side = self.zoom_crop
+        top, left = max((x.shape[-2] - side) // 2, 0), max((x.shape[-1] - side) // 2, 0)
+        stem = self.backbone.conv_stem
+        padding = tuple(k // 2 for k in stem.kernel_size)
+        crop = x[..., top : top + side, left : left + side]
+        return self.backbone.bn1(F.conv2d(crop, stem.weight, stem.bias, stride=1, padding=padding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.backbone
-        x = net.bn1(net.conv_stem(x))
-        pooled = []
-        for stage in net.blocks:
-            x = stage(x)
-            pooled += [x.mean((2, 3)), x.std((2, 3))]
+        pooled, last = self._stages(net.bn1(net.conv_stem(x)))
         if self.include_head:
-            pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))
+            pooled.append(net.bn2(net.conv_head(last)).mean((2, 3)))
+        if self.zoom_crop:
+            pooled += self._stages(self._zoomed_stem(x))[0]
         return torch.cat(pooled, 1)
 
 
@@ -61,10 +87,11 @@ class FrozenProbe(FoldedInference):
 
     serves_onnx = True
 
-    def __init__(self, backbone: nn.Module, include_head: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, include_head: bool = False, zoom_crop: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.include_head = include_head
+        self.zoom_crop = zoom_crop
         with torch.no_grad():
             self.num_features = int(self.features(torch.zeros(1, 3, 64, 64)).shape[1])
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
@@ -74,7 +101,7 @@ class FrozenProbe(FoldedInference):
         nn.init.zeros_(self.head.bias)
 
     def frozen_part(self) -> nn.Module:
-        return StageStatistics(self.backbone, self.include_head)
+        return StageStatistics(self.backbone, self.include_head, self.zoom_crop)
 
     def train(self, mode: bool = True) -> "FrozenProbe":
         """The backbone stays in eval mode (frozen batch-norm statistics) whatever the caller asks."""
@@ -83,7 +110,8 @@ class FrozenProbe(FoldedInference):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw (unstandardised) pooled features: stage statistics first, then (with `include_head`) the head's."""
+        """Raw (unstandardised) pooled features: stage statistics first, then (with `include_head`) the head's, then
+        (with `zoom_crop`) the zoom view's stage statistics."""
         return self.run_frozen(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +129,16 @@ class ProbeSettings(TorchSettings):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pretrained: bool = Field(True, description="start from the package's ImageNet backbone when weights is null")
     include_head: bool = Field(False, description="also read the head's pooled features (mostly topic, not traces)")
+    zoom_crop: int | None = Field(
+        None, ge=16, le=4096,
+        description="also read the centre crop of this side with the stem at stride 1 (2x magnification); null = off",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _zoom_fits(self) -> "ProbeSettings":
+        if self.zoom_crop is not None and self.zoom_crop > self.image_size:
+            raise ValueError(f"zoom_crop ({self.zoom_crop}) must not exceed image_size ({self.image_size})")
+        return self
 
 
 @register_detector("probe")
@@ -111,7 +149,7 @@ class ProbeDetector(TorchDetector):
 
     def build_model(self) -> nn.Module:
         backbone = timm.create_model(self.settings.backbone, pretrained=False, num_classes=0)
-        return FrozenProbe(backbone, self.settings.include_head)
+        return FrozenProbe(backbone, self.settings.include_head, self.settings.zoom_crop)
 
     def load_pretrained(self) -> None:
         """The ImageNet backbone from the package; the head stays zero (p = 0.5) until `probe_fit` fits it."""

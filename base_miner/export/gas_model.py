@@ -39,27 +39,39 @@ class OneLogit(nn.Module):
 
 
 class FrozenProbe(nn.Module):
-    """EfficientNet-Lite read at every depth (mean and std per stage, optionally the pooled head) → standardise →
-    linear logit."""
+    """EfficientNet-Lite read at every depth (mean and std per stage, optionally the pooled head, optionally the
+    same statistics of the centre crop read with the stem at stride 1) → standardise → linear logit."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = timm.create_model(config["backbone"], pretrained=False, num_classes=0)
         self.include_head = bool(config["include_head"])
+        self.zoom_crop = config.get("zoom_crop")
         features = int(config["num_features"])
         self.register_buffer("feature_mean", torch.zeros(features))
         self.register_buffer("feature_scale", torch.ones(features))
         self.head = nn.Linear(features, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.backbone
-        x = net.bn1(net.conv_stem(x))
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         pooled = []
-        for stage in net.blocks:
+        for stage in self.backbone.blocks:
             x = stage(x)
             pooled += [x.mean((2, 3)), x.std((2, 3))]
+        return pooled + [x]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        *pooled, last = self.stages(net.bn1(net.conv_stem(x)))
         if self.include_head:
-            pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))
+            pooled.append(net.bn2(net.conv_head(last)).mean((2, 3)))
+        if self.zoom_crop:
+            side = int(self.zoom_crop)
+            top, left = max((x.shape[-2] - side) // 2, 0), max((x.shape[-1] - side) // 2, 0)
+            stem = net.conv_stem
+            crop = x[..., top : top + side, left : left + side]
+            padding = (stem.kernel_size[0] // 2, stem.kernel_size[1] // 2)
+            zoomed = F.conv2d(crop, stem.weight, stem.bias, stride=1, padding=padding)
+            pooled += self.stages(net.bn1(zoomed))[:-1]
         features = torch.cat(pooled, 1)
         return self.head((features - self.feature_mean) / self.feature_scale).squeeze(-1)
 

@@ -65,7 +65,8 @@ def _generalist(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.
 
 def _probe(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     s = d.settings
-    config = {"backbone": s.backbone, "include_head": s.include_head, "num_features": int(d.model.num_features)}
+    config = {"backbone": s.backbone, "include_head": s.include_head, "zoom_crop": s.zoom_crop,
+              "num_features": int(d.model.num_features)}  # fmt: skip
     return "probe", config, d.model.state_dict()
 
 
