@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 class StageStatistics(nn.Module):
     """The frozen trunk: per-channel mean and std of every stage's feature map (then, optionally, the head's pooled
-    features). Built around the probe's backbone on demand, so the checkpoint keys stay `backbone.*`."""
+    features and the zoom view's stage statistics). Built around the probe's backbone on demand, so the checkpoint
+    keys stay `backbone.*`."""
 
     def __init__(self, backbone: nn.Module, include_head: bool, zoom_crop: int | None = None) -> None:
         super().__init__()
