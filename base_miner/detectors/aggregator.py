@@ -18,14 +18,15 @@ import numpy as np
 from base_miner.registry import ConfigError
 from bitmind.atomic import atomic_write_bytes
 
-__all__ = ["AGGREGATOR_VERSION", "StackedAggregator"]
+__all__ = ["AGGREGATOR_VERSION", "StackedAggregator", "clipped_logit"]
 
 AGGREGATOR_VERSION = 1
 _EPS = 1e-4  # probabilities are clipped to [eps, 1 - eps] before the logit: a certain expert stays finite
 
 
-def _logit(p: float) -> float:
-    p = min(1.0 - _EPS, max(_EPS, float(p)))
+def clipped_logit(p: float, eps: float = _EPS) -> float:
+    """The logit of `p` clipped to [eps, 1 - eps], so that an answer of exactly 0 or 1 stays finite."""
+    p = min(1.0 - eps, max(eps, float(p)))
     return math.log(p / (1.0 - p))
 
 
@@ -35,7 +36,7 @@ def _names(always: Sequence[str], optional: Sequence[str]) -> list[str]:
 
 def _features(always: Sequence[str], optional: Sequence[str], outputs: Mapping[str, float]) -> np.ndarray:
     """One image's feature vector; an expert that did not run contributes logit 0 and ran 0."""
-    logits = [_logit(outputs[e]) if e in outputs else 0.0 for e in [*always, *optional]]
+    logits = [clipped_logit(outputs[e]) if e in outputs else 0.0 for e in [*always, *optional]]
     return np.asarray(logits + [1.0 if e in outputs else 0.0 for e in optional])
 
 

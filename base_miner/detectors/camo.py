@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from base_miner.detectors.aggregator import StackedAggregator
+from base_miner.detectors.aggregator import StackedAggregator, clipped_logit
 from base_miner.detectors.base import DeepfakeDetector, Prediction
 from base_miner.gates.resolution import effective_side
 from base_miner.registry import ConfigError, build_detector, build_gate, register_detector
@@ -73,8 +73,7 @@ def _check_margin(key: str, margin: Any) -> float | None:
 
 def _mean_logit(first: float, second: float) -> float:
     """The probability whose logit is the mean of the two answers' logits (answers of 0 or 1 are clipped first)."""
-    first, second = (min(1.0 - 1e-7, max(1e-7, p)) for p in (first, second))
-    mean = 0.5 * (math.log(first / (1.0 - first)) + math.log(second / (1.0 - second)))
+    mean = 0.5 * (clipped_logit(first, 1e-7) + clipped_logit(second, 1e-7))
     return 1.0 / (1.0 + math.exp(-mean))
 
 

@@ -52,16 +52,16 @@ class FrozenProbe(nn.Module):
         self.register_buffer("feature_scale", torch.ones(features))
         self.head = nn.Linear(features, 1)
 
-    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         pooled = []
         for stage in self.backbone.blocks:
             x = stage(x)
             pooled += [x.mean((2, 3)), x.std((2, 3))]
-        return pooled + [x]
+        return pooled, x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.backbone
-        *pooled, last = self.stages(net.bn1(net.conv_stem(x)))
+        pooled, last = self.stages(net.bn1(net.conv_stem(x)))
         if self.include_head:
             pooled.append(net.bn2(net.conv_head(last)).mean((2, 3)))
         if self.zoom_crop:
@@ -71,7 +71,7 @@ class FrozenProbe(nn.Module):
             crop = x[..., top : top + side, left : left + side]
             padding = (stem.kernel_size[0] // 2, stem.kernel_size[1] // 2)
             zoomed = F.conv2d(crop, stem.weight, stem.bias, stride=1, padding=padding)
-            pooled += self.stages(net.bn1(zoomed))[:-1]
+            pooled += self.stages(net.bn1(zoomed))[0]
         features = torch.cat(pooled, 1)
         return self.head((features - self.feature_mean) / self.feature_scale).squeeze(-1)
 
