@@ -131,9 +131,67 @@ def test_group_weights_balance_classes_and_sources():
     assert w[groups == "a"].sum() == pytest.approx(w[groups == "b"].sum())
 
 
+def test_content_weights_balance_real_and_generated_within_each_cluster():
+    labels = np.array([1] * 8 + [0] * 2 + [1] * 2 + [0] * 8 + [0] * 3)  # clusters: mostly fake, mostly real, real only
+    clusters = np.array([0] * 10 + [1] * 10 + [2] * 3)
+    base = np.ones(len(labels))
+
+    def ratio(w, cluster):  # generated total / real total within a cluster
+        member = clusters == cluster
+        return w[member & (labels == 1)].sum() / w[member & (labels == 0)].sum()
+
+    untouched = probe_fit.content_weights(base, labels, clusters, 0.0)
+    assert untouched == pytest.approx(base) and ratio(base, 0) == pytest.approx(4.0)
+    equal = probe_fit.content_weights(base, labels, clusters, 1.0)
+    assert equal.mean() == pytest.approx(1.0)
+    assert ratio(equal, 0) == pytest.approx(1.0) and ratio(equal, 1) == pytest.approx(1.0)
+    assert not equal[clusters == 2].any()  # a topic seen in one class only teaches nothing but the topic
+    halfway = probe_fit.content_weights(base, labels, clusters, 0.5)
+    assert ratio(halfway, 0) == pytest.approx(2.0) and ratio(halfway, 1) == pytest.approx(0.5)
+    assert halfway[clusters == 2].sum() == 0.0
+    with pytest.raises(probe_fit.DataError, match="both real and generated"):
+        probe_fit.content_weights(base, labels, np.arange(len(labels)), 1.0)
+
+
+def test_content_balance_moves_the_head_from_topic_to_trace():
+    """Generated images mostly of one topic: without balance the head leans on the topic, with it on the trace."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    topic = (rng.random(2000) < np.where(labels == 1, 0.9, 0.1)).astype(int)  # topic 1: 90 % of fakes, 10 % of reals
+    trace = labels + rng.normal(0, 1.2, 2000)  # a weak trace, present whatever the topic
+    features = np.stack([topic + rng.normal(0, 0.1, 2000), trace], 1)
+    weights = probe_fit.group_weights(labels, np.zeros(2000))
+    plain = probe_fit.fit_head(features, labels, weights, 1.0)[2]
+    balanced = probe_fit.fit_head(features, labels, probe_fit.content_weights(weights, labels, topic, 1.0), 1.0)[2]
+    assert plain[0] > plain[1]  # the shortcut wins
+    assert abs(balanced[0]) < 0.1 * balanced[1]  # the topic is worth nothing once it predicts nothing
+
+
+def test_content_columns_are_the_last_stage_channel_means():
+    detector = build_detector("probe", device="cpu", half=False, image_size=SIZE)
+    model = detector.model
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        last = model.backbone.blocks(model.backbone.bn1(model.backbone.conv_stem(x)))
+        features = model.features(x)
+    assert model.content_columns().stop - model.content_columns().start == last.shape[1] == 320
+    assert torch.allclose(features[:, model.content_columns()], last.mean((2, 3)), atol=1e-4)
+
+
+def test_content_balanced_fit_records_its_clusters(parquet, tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "probe"
+    assert _fit(parquet, out, "--c", "0.01", "--content-clusters", "2", "--content-strength", "1") == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["content_clusters"] == 2 and fit["content_strength"] == 1.0
+    assert "content balance: 2 clusters" in caplog.text
+
+
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--copies", "-1"], "--copies"), (["--c", "0,1"], "positive"), (["--c", "x"], "comma-separated"),
+    [(["--content-clusters", "-1"], "--content-clusters"), (["--content-strength", "1.5"], "--content-strength"),
+     (["--content-clusters", "999"], "exceeds the 32 training images"),
+     (["--copies", "-1"], "--copies"), (["--c", "0,1"], "positive"), (["--c", "x"], "comma-separated"),
      (["--holdout", "label=0"], "one class"), (["--holdout", "source=cam-a", "--holdout", "source=cam-b",
                                                "--holdout", "source=gen-a", "--holdout", "source=gen-b"], "no rows")],
 )

@@ -273,7 +273,9 @@ def test_concurrent_queries_all_answered(serve, client):
     forward = RecordingForward()
     server = serve(forward)
     answers = client.query_sync([server.info()] * 20, [f"{IMAGE}{i}" for i in range(20)], timeout=10.0)
-    assert [answer.status for answer in answers] == [200] * 20
+    # On failure, say whether the miner's forward saw the queries at all (a stalled server) or answered them late.
+    seen = f"the forward saw {len(forward.images)} of 20; answers: {[(a.status, a.message[:80]) for a in answers]}"
+    assert [answer.status for answer in answers] == [200] * 20, seen
     assert sorted(forward.images) == sorted(f"{IMAGE}{i}" for i in range(20))
     assert client._dendrite.synapse_history == []  # bittensor would keep every call forever
 

@@ -3,7 +3,7 @@
 Why frozen: fine-tuning the whole network on a few thousand images learned the training generators and the
 training set's topics ("portrait means fake") instead of generation traces, and fell to MCC 0.14 on unseen
 generators. A frozen backbone cannot memorise; a linear head over its features, fitted with strong L2
-regularisation on group-balanced data (`base_miner/training/probe_fit.py`), generalises far better.
+regularisation on source- and content-balanced data (`base_miner/training/probe_fit.py`), generalises far better.
 Why several depths: generation traces are low-level (up-sampling grids, noise and colour statistics) and live in
 the stages' statistics, while the 1,280 pooled head features mostly know the topic. Each of the seven stages
 contributes the per-channel mean and standard deviation of its feature map: 2 × (16 + 24 + 40 + 80 + 112 + 192 +
@@ -95,6 +95,8 @@ class FrozenProbe(FoldedInference):
         self.zoom_crop = zoom_crop
         with torch.no_grad():
             self.num_features = int(self.features(torch.zeros(1, 3, 64, 64)).shape[1])
+            stem = backbone.bn1(backbone.conv_stem(torch.zeros(1, 3, 64, 64)))
+            self.stage_channels = [int(s.shape[1]) for s in self.frozen_part()._stages(stem)[0][::2]]
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
         self.register_buffer("feature_scale", torch.ones(self.num_features))
         self.head = nn.Linear(self.num_features, 1)
@@ -103,6 +105,12 @@ class FrozenProbe(FoldedInference):
 
     def frozen_part(self) -> nn.Module:
         return StageStatistics(self.backbone, self.include_head, self.zoom_crop)
+
+    def content_columns(self) -> slice:
+        """The feature columns of the last stage's channel means: what the image shows (ImageNet semantics) rather
+        than how it was made; the fitter balances real and generated images within clusters of them."""
+        start = 2 * sum(self.stage_channels[:-1])
+        return slice(start, start + self.stage_channels[-1])
 
     def train(self, mode: bool = True) -> "FrozenProbe":
         """The backbone stays in eval mode (frozen batch-norm statistics) whatever the caller asks."""

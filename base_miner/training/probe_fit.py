@@ -7,8 +7,11 @@ Why a closed fit and not SGD: the backbone is frozen, so one pass extracts every
 resumable: an interrupted extraction continues where it stopped) and the head is an L2-regularised logistic
 regression — a convex problem solved exactly in seconds. Every (label, source) group gets the same total weight
 within its class and the classes weigh the same, so 800 portraits from one generator cannot teach "portrait means
-fake". The regularisation strength is chosen by cross-validation over whole sources (GroupKFold), i.e. by how well
-the head does on sources it has not seen — the question the subnet asks.
+fake". `--content-clusters` goes further where topics differ between the classes: within clusters of image content
+the real and generated weights move toward the same total, so a topic seen mostly among generated images (churches,
+city scenes) cannot make real photos of it "generated" (docs/TRAINING.md, "The content-balanced probe"). The
+regularisation strength is chosen by cross-validation over whole sources (GroupKFold), i.e. by how well the head does
+on sources it has not seen — the question the subnet asks.
 """
 
 import argparse
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import GroupKFold
@@ -45,7 +49,7 @@ from base_miner.training.data import (
 from bitmind.atomic import atomic_write_bytes
 from bitmind.image_codec import ImageDecodeError, to_rgb
 
-__all__ = ["build_parser", "extract_features", "fit_head", "group_weights", "main"]
+__all__ = ["build_parser", "content_weights", "extract_features", "fit_head", "group_weights", "main"]
 
 log = logging.getLogger("bitmind-fit-probe")
 
@@ -64,6 +68,26 @@ def group_weights(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
             member = in_class & (groups == name)
             weights[member] = 1.0 / (len(classes) * len(names) * member.sum())
     return weights * (len(labels) / weights.sum()) if len(labels) else weights
+
+
+def content_weights(
+    weights: np.ndarray, labels: np.ndarray, clusters: np.ndarray, strength: float
+) -> np.ndarray:
+    """`weights` rescaled so that within every content cluster real and generated images move toward the same total
+    weight: each class's share is multiplied by (smaller class total / its total) ** `strength`. At strength 1 a
+    topic predicts nothing; a cluster holding one class only gets no weight. Mean 1, like `group_weights`."""
+    weights = np.asarray(weights, dtype=np.float64).copy()
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    for cluster in np.unique(clusters):
+        members = [(clusters == cluster) & (labels == label) for label in (0, 1)]
+        totals = [weights[m].sum() for m in members]
+        target = min(totals)
+        for member, total in zip(members, totals):
+            if total > 0:
+                weights[member] *= (target / total) ** strength
+    if not weights.sum():
+        raise DataError("no content cluster holds both real and generated images; lower --content-clusters")
+    return weights * (len(weights) / weights.sum())
 
 
 def fit_head(
@@ -205,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"read as real-or-generated); of {', '.join(OPERATIONS)}")
     parser.add_argument("--c", default=",".join(str(c) for c in DEFAULT_CS),
                         help="comma-separated inverse L2 strengths; the one with the lowest source-out CV log-loss is used")
+    parser.add_argument("--content-clusters", type=int, default=0,
+                        help="k-means clusters of image content (the last stage's channel means of the clean images); "
+                        "real and generated images are balanced within each, so that topic alone predicts nothing; 0 = off")
+    parser.add_argument("--content-strength", type=float, default=0.25,
+                        help="how far each cluster's real and generated weights move toward equal: 0 = not at all, 1 = equal "
+                        "(a one-class cluster then drops out)")
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmented copies")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -215,10 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _balance_content(detector: ProbeDetector, feats: np.ndarray, y_all: np.ndarray, w_all: np.ndarray,
+                     args: argparse.Namespace) -> np.ndarray:  # fmt: skip
+    """`content_weights` over k-means clusters of the clean images' content columns (every version of an image
+    shares its cluster)."""
+    if args.content_clusters > len(feats):
+        raise ConfigError(f"--content-clusters {args.content_clusters} exceeds the {len(feats)} training images")
+    content = feats[:, 0, detector.model.content_columns()]
+    content = (content - content.mean(0)) / np.maximum(content.std(0), 1e-6)
+    clusters = KMeans(args.content_clusters, n_init=4, random_state=args.seed).fit_predict(content)
+    clusters = np.repeat(clusters, feats.shape[1])
+    weights = content_weights(w_all, y_all, clusters, args.content_strength)
+    mixed = sum(len(np.unique(y_all[clusters == c])) == 2 for c in range(args.content_clusters))
+    log.info("content balance: %d clusters, %d hold both classes, strength %g", args.content_clusters, mixed,
+             args.content_strength)  # fmt: skip
+    return weights
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Extract (or reuse) features, choose C, fit, save the checkpoint and fit.json (what was chosen and seen)."""
     if args.copies < 0 or args.folds < 2 or not 0.0 <= args.augment <= 1.0:
         raise ConfigError("--copies must be >= 0, --folds >= 2 and --augment in [0, 1]")
+    if args.content_clusters < 0 or not 0.0 <= args.content_strength <= 1.0:
+        raise ConfigError("--content-clusters must be >= 0 and --content-strength in [0, 1]")
     try:
         cs = [float(c) for c in args.c.split(",") if c.strip()]
     except ValueError:
@@ -262,6 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x = feats.reshape(-1, feats.shape[2])  # row-major: the versions of one image stay together
     y_all, g_all = np.repeat(y, versions), np.repeat(g, versions)
     w_all = group_weights(y_all, g_all)
+    if args.content_clusters:
+        w_all = _balance_content(detector, feats, y_all, w_all, args)
     folds = min(args.folds, len(np.unique(g_all)))
     scores = {}
     if len(cs) > 1 and folds >= 2:
@@ -275,6 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = dict(
         detector=str(args.detector), c=best, cv_log_loss={str(c): s for c, s in scores.items()}, folds=folds,
         images=int(len(y)), real=int((y == 0).sum()), fake=int((y == 1).sum()), copies=args.copies, views=views,
+        content_clusters=args.content_clusters, content_strength=args.content_strength if args.content_clusters else None,
         groups=sorted(set(g.tolist())), holdout=[str(s) for s in holdout], train=list(args.train),
     )  # fmt: skip
     atomic_write_bytes(out / "fit.json", json.dumps(result, indent=2).encode())
