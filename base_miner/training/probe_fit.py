@@ -75,7 +75,8 @@ def content_weights(
 ) -> np.ndarray:
     """`weights` rescaled so that within every content cluster real and generated images move toward the same total
     weight: each class's share is multiplied by (smaller class total / its total) ** `strength`. At strength 1 a
-    topic predicts nothing; a cluster holding one class only gets no weight. Mean 1, like `group_weights`."""
+    topic predicts nothing; at any strength above 0 a cluster holding one class only gets no weight (the limit of
+    that rule as the other class vanishes). Mean 1, like `group_weights`."""
     weights = np.asarray(weights, dtype=np.float64).copy()
     labels, clusters = np.asarray(labels), np.asarray(clusters)
     for cluster in np.unique(clusters):
@@ -233,10 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="k-means clusters of image content (the last stage's channel means of the clean images); "
                         "real and generated images are balanced within each, so that topic alone predicts nothing; 0 = off")
     parser.add_argument("--content-strength", type=float, default=0.25,
-                        help="how far each cluster's real and generated weights move toward equal: 0 = not at all, 1 = equal "
-                        "(a one-class cluster then drops out)")
+                        help="how far each cluster's real and generated weights move toward equal: 0 = not at all, 1 = equal; "
+                        "above 0 a cluster holding one class only drops out")
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the augmented copies")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the augmented copies and of the content clusters")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache); reused and resumed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
