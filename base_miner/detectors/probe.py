@@ -95,8 +95,6 @@ class FrozenProbe(FoldedInference):
         self.zoom_crop = zoom_crop
         with torch.no_grad():
             self.num_features = int(self.features(torch.zeros(1, 3, 64, 64)).shape[1])
-            stem = backbone.bn1(backbone.conv_stem(torch.zeros(1, 3, 64, 64)))
-            self.stage_channels = [int(s.shape[1]) for s in self.frozen_part()._stages(stem)[0][::2]]
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
         self.register_buffer("feature_scale", torch.ones(self.num_features))
         self.head = nn.Linear(self.num_features, 1)
@@ -108,9 +106,13 @@ class FrozenProbe(FoldedInference):
 
     def content_columns(self) -> slice:
         """The feature columns of the last stage's channel means: what the image shows (ImageNet semantics) rather
-        than how it was made; the fitter balances real and generated images within clusters of them."""
-        start = 2 * sum(self.stage_channels[:-1])
-        return slice(start, start + self.stage_channels[-1])
+        than how it was made; the fitter balances real and generated images within clusters of them. The 256²
+        statistics come first (mean, std per stage), so these are the last stage's mean just before its std."""
+        with torch.no_grad():
+            stem = self.backbone.bn1(self.backbone.conv_stem(torch.zeros(1, 3, 64, 64)))
+            pooled, last = self.frozen_part()._stages(stem)
+        start = sum(p.shape[1] for p in pooled) - 2 * last.shape[1]
+        return slice(start, start + last.shape[1])
 
     def train(self, mode: bool = True) -> "FrozenProbe":
         """The backbone stays in eval mode (frozen batch-norm statistics) whatever the caller asks."""
