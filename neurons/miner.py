@@ -235,6 +235,13 @@ def retrieval_override(config: bt.Config) -> dict[str, dict[str, str]]:
     return {"retrieval": {"index": os.path.abspath(os.path.expanduser(folder))}}
 
 
+def warm_up_images() -> list[Image.Image]:
+    """A flat and a detailed 256² image: detectors that route by content (CAMO's route by effective resolution sends
+    a flat image to its thumbnail expert) run every full-size path once."""
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    return [Image.new("RGB", (256, 256), (127, 127, 127)), Image.fromarray(noise)]
+
+
 class Miner:
     """Owns the detector, batcher, caller policy and axon; `run()` serves until `stop()`.
 
@@ -331,9 +338,10 @@ class Miner:
         return view
 
     def _warm_up(self) -> None:
-        """One prediction at start-up: proves the model runs and keeps first-request latency low."""
+        """One prediction at start-up: proves the model runs and keeps first-request latency low (first use builds
+        lazy state, e.g. the ONNX Runtime export of a frozen trunk, which can take longer than a validator waits)."""
         started = time.perf_counter()
-        self.detector.predict([Image.new("RGB", (256, 256), (127, 127, 127))])
+        self.detector.predict(warm_up_images())
         if self.video_detector is not None:
             self.video_detector.predict_clips([np.full((16, 256, 256, 3), 127, np.uint8)])
         log.info("detector warm-up %.0f ms", (time.perf_counter() - started) * 1000)

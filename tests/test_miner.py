@@ -17,12 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+from base_miner.registry import build_detector
 from bitmind.chain import Chain, ChainError
 from bitmind.chain.local import LocalChain
 from bitmind.config import build_config
 from bitmind.image_codec import encode_image
 from bitmind.transport import ValidatorClient
-from neurons.miner import Miner, build_parser, worker_layout
+from neurons.miner import Miner, build_parser, warm_up_images, worker_layout
 from tests._wallets import LOOPBACK, free_port, make_wallet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,3 +276,17 @@ def test_gpu_layout_is_one_worker_and_torch_default_threads():
 def test_negative_layout_is_refused(workers, threads):
     with pytest.raises(SystemExit, match="--miner.workers and --miner.torch_threads"):
         worker_layout(workers, threads, "cpu", cores=2)
+
+
+@pytest.mark.parametrize("config", ["camo", "camo_thumbnails"])
+def test_warm_up_reaches_the_probe_so_no_query_pays_its_onnx_export(config, tmp_path, monkeypatch):
+    """The demo's CAMO routes a flat image to its thumbnail expert: a flat warm-up image alone left the probe's ONNX
+    export (seconds) to the first validator query, which then timed out."""
+    from base_miner.detectors import onnx_serving
+
+    monkeypatch.setenv("BITMIND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_serving, "_GRAPHS", {})
+    detector = build_detector(config, device="cpu")
+    detector.predict(warm_up_images())
+    trunk = detector.experts["general"].model.onnx_trunk()
+    assert trunk is not None and trunk._sessions and trunk.failed is None
