@@ -127,6 +127,45 @@ def test_clip_folder_loads_as_one_grid_image_per_clip(clip_folder):
     assert sorted(picked["label"]) == [1, 1, 1]
 
 
+def test_frames_option_makes_each_clip_that_many_frame_rows(clip_folder):
+    # `?frames=N`: image rows for the image detectors, each a frame of the clip at the centre of one of N equal
+    # segments (the grid's sampling), with its clip's label and source; selectors still apply beside the option.
+    ds = load_spec(f"{clip_folder}?frames=3")
+    assert len(ds) == 6 * 3 and sorted(ds["label"]) == [0] * 9 + [1] * 9
+    grids = load_spec(str(clip_folder))
+    assert sorted(ds["source"]) == sorted(s for s in grids["source"] for _ in range(3))
+    path = VIDEO / next(r for r in _metadata() if r["source"] == ds[0]["source"] and (clip_folder / r["path"]).exists())["path"]
+    clip = read_video(path)
+    frames = [np.asarray(decode_row_image(ds[i]["image"])) for i in range(3)]
+    assert all(np.array_equal(frame, clip[i]) for frame, i in zip(frames, sample_indices(len(clip), 3)))
+    assert not np.array_equal(frames[0], frames[2])  # different moments, not one frame repeated
+    picked = load_spec(f"{clip_folder}?label=1&frames=2")
+    assert len(picked) == 6 and set(picked["label"]) == {1}
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [("frames=0", "whole number from 1 to 64"), ("frames=65", "whole number from 1 to 64"),
+     ("frames=two", "whole number from 1 to 64"), ("frames=2&frames=3", "more than once"),
+     ("frames=2&colour=red", "KEY=VALUE")],  # fmt: skip
+)
+def test_frames_option_rejects_bad_values(clip_folder, query, message):
+    from base_miner.training.data import DataError
+
+    with pytest.raises(DataError, match=message):
+        load_spec(f"{clip_folder}?{query}")
+
+
+def test_frames_option_on_an_image_dataset_or_a_stream_is_an_error_not_ignored(clip_folder):
+    from base_miner.training.data import DataError, DatasetSpec
+    from base_miner.training.streaming import open_stream
+
+    with pytest.raises(DataError, match="clip datasets only"):
+        load_spec(f"{shared_data('cifake-mini')}?frames=4")
+    with pytest.raises(DataError, match="without --streaming"):
+        open_stream(DatasetSpec.parse(f"{clip_folder}?frames=4"))
+
+
 def test_parquet_with_a_video_column_loads_like_a_hub_video_dataset(tmp_path):
     from datasets import Dataset, Video
 
@@ -179,7 +218,7 @@ def test_videofolder_class_names_become_labels_by_name(tmp_path):
     # `datasets`' videofolder builder numbers classes by sorted folder name (fake = 0); a generated clip must be 1.
     from datasets import load_dataset
 
-    from base_miner.training.clip_data import clips_to_grids
+    from base_miner.training.clip_data import clips_to_images
 
     rows = _metadata()
     for label, name in (("0", "real"), ("1", "fake")):
@@ -187,6 +226,6 @@ def test_videofolder_class_names_become_labels_by_name(tmp_path):
         row = next(r for r in rows if r["label"] == label)
         shutil.copy(VIDEO / row["path"], tmp_path / name / Path(row["path"]).name)
     ds = load_dataset("videofolder", data_dir=str(tmp_path), split="train")
-    grids = clips_to_grids(ds, "video", "folder")
+    grids = clips_to_images(ds, "video", "folder")
     by_class = {ds.features["label"].int2str(original): label for original, label in zip(ds["label"], grids["label"])}
     assert by_class == {"real": 0, "fake": 1}

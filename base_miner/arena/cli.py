@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bitmind-arena", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--detector", action="append", required=True, metavar="CONFIG", help="YAML path or packaged config name; repeatable")
-    parser.add_argument("--dataset", action="append", default=[], metavar="DATASET", help="LOCATION[:SPLIT][?KEY=VALUE&...]; repeatable")
+    parser.add_argument("--dataset", action="append", default=[], metavar="DATASET", help="LOCATION[:SPLIT][?KEY=VALUE&...] (clip datasets: a part frames=N makes each clip N frame images); repeatable")
     parser.add_argument("--protocol", default=None, metavar="DIR",
                         help="folder of the shared diverse parquet files: evaluate on the held-out protocol's rows and write protocol.json / protocol.md")
     parser.add_argument("--out", required=True, help="output folder (results.json, leaderboard.md, *.png)")

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config key (value parsed as YAML), e.g. --set image_size=64; repeatable")
     data.add_argument("--train", action="append", required=True, metavar="DATASET",
-                      help="training data: parquet file/folder, imagefolder (real/, fake/) or hub id, optionally :SPLIT (e.g. :train[:9000]) and ?KEY=VALUE row selection; repeatable")
+                      help="training data: parquet file/folder, imagefolder (real/, fake/) or hub id, optionally :SPLIT (e.g. :train[:9000]) and ?KEY=VALUE row selection (clip datasets: a part frames=N makes each clip N frame images); repeatable")
     data.add_argument("--val", action="append", default=[], metavar="DATASET", help="validation dataset (same forms); repeatable")
     data.add_argument("--holdout", action="append", default=[], metavar="KEY=VALUE",
                       help="remove rows whose source/generator/label equals VALUE from training and validate on them (held-out sources); repeatable")

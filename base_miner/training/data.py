@@ -10,7 +10,8 @@ folder with `real/` and `fake/` sub-folders, or a hub id; SPLIT is a `datasets` 
 generator, label) pick rows by metadata: after `?` they keep only the matching rows (any selector matching);
 the trainer's `--holdout` selectors remove the matching rows from training and validate on them instead.
 Clip datasets (a folder with `metadata.csv`, or a dataset with a `video` column) load as one TALL grid image per
-clip (`base_miner/training/clip_data.py`), so training and the arena report per clip.
+clip (`base_miner/training/clip_data.py`), so training and the arena report per clip; with the option `frames=N`
+after `?` (beside any selectors) each clip becomes N single frames instead, image rows for the image detectors.
 A dataset without a `label` column (many public real collections) is read when the spec's only selector is
 `label=0` (or `label=1`): the selector then states every row's label.
 """
@@ -24,7 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from base_miner.training.clip_data import clip_column, clips_to_grids, is_clip_folder, load_clip_folder
+from base_miner.training.clip_data import (
+    MAX_FRAMES_PER_CLIP,
+    clip_column,
+    clips_to_images,
+    is_clip_folder,
+    load_clip_folder,
+)
 from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_cell
 
 __all__ = [
@@ -69,27 +76,35 @@ class Selector:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a dataset lives, which split of it to read, and (optionally) which rows: `LOCATION[:SPLIT][?k=v&k=v]`."""
+    """Where a dataset lives, which split of it to read, and (optionally) which rows and, for a clip dataset, how
+    many frames per clip become image rows: `LOCATION[:SPLIT][?k=v&k=v]`, one part of the query may be `frames=N`."""
 
     location: str
     split: str = "train"
     selectors: tuple[Selector, ...] = ()
+    frames: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
         text = str(text).strip()
         selectors: tuple[Selector, ...] = ()
+        frames = None
         if "?" in text and not _exists(text):
             text, _, query = text.rpartition("?")
-            selectors = tuple(parse_selector(part) for part in query.split("&") if part)
-            if not selectors:
+            parts = [part for part in query.split("&") if part]
+            options = [part for part in parts if part.partition("=")[0].strip() == "frames"]
+            if len(options) > 1:
+                raise DataError(f"dataset spec {text + '?' + query!r}: frames= given more than once")
+            frames = _parse_frames(options[0]) if options else None
+            selectors = tuple(parse_selector(part) for part in parts if part not in options)
+            if not parts:
                 raise DataError(f"dataset spec {text + '?' + query!r}: empty selection after '?'")
         if not text:
             raise DataError("empty dataset spec")
         match = _SPLIT_SUFFIX.match(text)
         if match and not _exists(text):
-            return cls(match["location"], match["split"], selectors)
-        return cls(text, "train", selectors)
+            return cls(match["location"], match["split"], selectors, frames)
+        return cls(text, "train", selectors, frames)
 
     @property
     def name(self) -> str:
@@ -102,9 +117,15 @@ class DatasetSpec:
             name = f"{path.parent.name}/{path.stem}"
         if self.split != "train":
             name += f":{self.split}"
-        if self.selectors:
-            name += "?" + "&".join(str(s) for s in self.selectors)
-        return name
+        query = [str(s) for s in self.selectors] + ([f"frames={self.frames}"] if self.frames else [])
+        return name + ("?" + "&".join(query) if query else "")
+
+
+def _parse_frames(text: str) -> int:
+    value = text.partition("=")[2].strip()
+    if not value.isdigit() or not 1 <= int(value) <= MAX_FRAMES_PER_CLIP:
+        raise DataError(f"option {text!r}: frames must be a whole number from 1 to {MAX_FRAMES_PER_CLIP}")
+    return int(value)
 
 
 def _exists(text: str) -> bool:
@@ -219,8 +240,10 @@ def load_spec(spec: DatasetSpec | str):
         raise
     except Exception as exc:  # datasets raises many types (FileNotFound, hub, split syntax); all mean "no rows"
         raise DataError(f"cannot load dataset {spec.location!r} split {spec.split!r}: {type(exc).__name__}: {exc}") from exc
-    if clip_column(ds.column_names):  # a clip dataset: each clip becomes its TALL grid image
-        ds = clips_to_grids(ds, clip_column(ds.column_names), spec.name)
+    if clip_column(ds.column_names):  # a clip dataset: each clip becomes its TALL grid image, or `frames` frames
+        ds = clips_to_images(ds, clip_column(ds.column_names), spec.name, spec.frames)
+    elif spec.frames:
+        raise DataError(f"dataset {spec.name!r}: frames= applies to clip datasets only (this one holds images)")
     ds = _normalise(ds, spec)
     return select(ds, spec.selectors) if spec.selectors else ds
 

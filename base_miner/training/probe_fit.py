@@ -15,6 +15,7 @@ on sources it has not seen — the question the subnet asks.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (value parsed as YAML); repeatable")
     parser.add_argument("--train", action="append", required=True, metavar="DATASET",
-                        help="training data (same specs as bitmind-train: parquet, imagefolder, hub id, :SPLIT, ?KEY=VALUE); repeatable")
+                        help="training data (same specs as bitmind-train: parquet, imagefolder, hub id, :SPLIT, ?KEY=VALUE, clip datasets with a part frames=N as N frame images each); repeatable")
     parser.add_argument("--holdout", action="append", default=[], metavar="KEY=VALUE",
                         help="leave rows whose source/generator/label equals VALUE out of the fit; repeatable")
     parser.add_argument("--face-crops", action="store_true",
@@ -295,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ds = select(load_spec(spec), holdout, keep_matching=False)
         if gate is not None:
             ds, _ = face_crops(ds, gate, desc=f"face crops {spec.name}")
-            spec = DatasetSpec(spec.location + "#face-crops", spec.split, spec.selectors)
+            spec = dataclasses.replace(spec, location=spec.location + "#face-crops")
         if not len(ds):
             raise DataError(f"{spec.name}: no rows left after --holdout" + (" and the face gate" if gate else ""))
         feats, kept = extract_features(

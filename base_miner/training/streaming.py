@@ -45,6 +45,8 @@ def open_stream(spec: DatasetSpec):
 
     if "[" in spec.split:
         raise DataError(f"dataset {spec.name!r}: a stream reads whole splits; drop the slice in {spec.split!r}")
+    if spec.frames:
+        raise DataError(f"dataset {spec.name!r}: frames= is read without --streaming (clips become frames at load)")
     path = Path(spec.location).expanduser()
     if path.exists():
         files = _parquet_files(path)
