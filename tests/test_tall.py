@@ -146,7 +146,9 @@ def test_frames_option_makes_each_clip_that_many_frame_rows(clip_folder):
 @pytest.mark.parametrize(
     "query, message",
     [("frames=0", "whole number from 1 to 64"), ("frames=65", "whole number from 1 to 64"),
-     ("frames=two", "whole number from 1 to 64"), ("frames=2&frames=3", "more than once"),
+     ("frames=two", "whole number from 1 to 64"), ("frames=²", "whole number from 1 to 64"),
+     ("frames=-1", "whole number from 1 to 64"), ("frames=", "whole number from 1 to 64"),
+     ("frames=2&frames=3", "more than once"),
      ("frames=2&colour=red", "KEY=VALUE")],  # fmt: skip
 )
 def test_frames_option_rejects_bad_values(clip_folder, query, message):

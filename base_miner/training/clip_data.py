@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from base_miner.thumbnail import DEFAULT_FRAMES, DEFAULT_TILE, DEFAULT_TILE_MODE, sample_indices, thumbnail_grid
 from bitmind.video_codec import VideoDecodeError
-from bitmind.video_file import read_video
+from bitmind.video_file import FILE_LIMITS, read_video
 
 __all__ = [
     "MAX_FRAMES_PER_CLIP",
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.csv"
 VIDEO_COLUMNS = ("video", "mp4")
-MAX_FRAMES_PER_CLIP = 64  # `read_video` keeps at most this many frames of a clip's first seconds anyway
+MAX_FRAMES_PER_CLIP = FILE_LIMITS.max_frames  # `read_video` keeps no more frames of a clip than this anyway
 
 
 def is_clip_folder(path: Path) -> bool:

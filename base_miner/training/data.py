@@ -123,7 +123,7 @@ class DatasetSpec:
 
 def _parse_frames(text: str) -> int:
     value = text.partition("=")[2].strip()
-    if not value.isdigit() or not 1 <= int(value) <= MAX_FRAMES_PER_CLIP:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_FRAMES_PER_CLIP:
         raise DataError(f"option {text!r}: frames must be a whole number from 1 to {MAX_FRAMES_PER_CLIP}")
     return int(value)
 
