@@ -80,9 +80,10 @@ def configs(tmp_path_factory) -> dict[str, tuple[Path, int]]:
     """kind -> (config YAML, native input side)."""
     folder = tmp_path_factory.mktemp("configs")
     g = torch.Generator().manual_seed(0)
-    for variant, include_head, zoom_crop in (("probe", False, None), ("probe_head", True, None), ("probe_zoom", False, 32)):
-        config = {"detector": "probe", "image_size": 64, "pretrained": False, "include_head": include_head,
-                  "zoom_crop": zoom_crop}  # fmt: skip
+    variants = (("probe", 64, False, None, False), ("probe_head", 64, True, None, False), ("probe_views", 128, False, 32, True))
+    for variant, side, include_head, zoom_crop, half_scale in variants:
+        config = {"detector": "probe", "image_size": side, "pretrained": False, "include_head": include_head,
+                  "zoom_crop": zoom_crop, "half_scale": half_scale}  # fmt: skip
         probe = build_detector(config, device="cpu")
         n = probe.model.num_features
         probe.set_head(torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) + 0.5,
@@ -104,7 +105,8 @@ def configs(tmp_path_factory) -> dict[str, tuple[Path, int]]:
         "NPR": (Path("npr"), 96),  # shipped weights
         "probe": (folder / "probe" / "config.yaml", 64),
         "probe_head": (folder / "probe_head" / "config.yaml", 64),  # stage statistics and the pooled head features
-        "probe_zoom": (folder / "probe_zoom" / "config.yaml", 64),  # and the centre crop read at stride 1
+        # and the centre crop read at stride 1, and the image at half its side
+        "probe_views": (folder / "probe_views" / "config.yaml", 128),
         "tiny_cnn": (tiny, 32),
         "UCF": (_checkpoint(folder / "ucf", ucf, head="head.4"), 64),
         "CAMO": (_yaml(folder / "camo.yaml", camo), 32),
@@ -118,7 +120,7 @@ def exported(configs, tmp_path_factory) -> dict[str, Path]:
     return {kind: export_gas(str(config), out / kind, resize=size).folder for kind, (config, size) in configs.items()}
 
 
-@pytest.mark.parametrize("kind", ["generalist", "NPR", "probe", "probe_head", "probe_zoom", "tiny_cnn", "UCF", "CAMO"])
+@pytest.mark.parametrize("kind", ["generalist", "NPR", "probe", "probe_head", "probe_views", "tiny_cnn", "UCF", "CAMO"])
 def test_exported_package_gives_the_served_probabilities(kind, configs, exported):
     config, size = configs[kind]
     images = _images(size)

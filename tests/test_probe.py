@@ -17,6 +17,10 @@ from base_miner.training.data import DatasetSpec, load_spec
 from tests.test_training import write_parquet
 
 SIZE = 64
+# The packaged probe at the tests' small size: one view (a half-scale view needs 128²) and an unfitted head (the
+# packaged head is fitted on both views); the backbone is the same ImageNet one.
+SMALL_PROBE = {"image_size": SIZE, "half_scale": False, "weights": None}
+SMALL_PROBE_SETS = ["--set", f"image_size={SIZE}", "--set", "half_scale=false", "--set", "weights=null"]
 
 
 def _image(rng: np.random.Generator, fake: bool) -> bytes:
@@ -45,7 +49,7 @@ def parquet(tmp_path_factory) -> Path:
 
 
 def _fit(parquet: Path, out: Path, *extra: str) -> int:
-    return probe_fit.main(["--detector", "probe", "--set", f"image_size={SIZE}", "--set", "half=false",
+    return probe_fit.main(["--detector", "probe", *SMALL_PROBE_SETS, "--set", "half=false",
                            "--train", str(parquet), "--copies", "1", "--augment", "0.2", "--folds", "2",
                            "--threads", "1", "--out", str(out), *extra])  # fmt: skip
 
@@ -67,7 +71,7 @@ def test_fitted_probe_catches_the_trace_on_unseen_images_and_reloads(parquet, tm
 
 
 def test_feature_extraction_resumes_where_it_stopped(parquet, tmp_path, monkeypatch):
-    detector = build_detector("probe", device="cpu", image_size=SIZE, half=False)
+    detector = build_detector("probe", device="cpu", half=False, **SMALL_PROBE)
     spec = DatasetSpec.parse(str(parquet))
     ds = load_spec(spec)
     augment = TrainAugment(0.3)
@@ -116,7 +120,7 @@ def test_unreadable_rows_are_skipped_and_counted(tmp_path):
     rows = _rows(1, 3)
     rows[2] = (b"not an image", 0, "cam-a", "")
     parquet = write_parquet(tmp_path / "broken.parquet", rows)
-    detector = build_detector("probe", device="cpu", image_size=SIZE, half=False)
+    detector = build_detector("probe", device="cpu", half=False, **SMALL_PROBE)
     spec = DatasetSpec.parse(str(parquet))
     features, kept = probe_fit.extract_features(detector, load_spec(spec), spec, 0, TrainAugment(0.0), 0, tmp_path)
     assert features.shape[:2] == (11, 1) and 2 not in kept.tolist()
@@ -168,7 +172,7 @@ def test_content_balance_moves_the_head_from_topic_to_trace():
 
 
 def test_content_columns_are_the_last_stage_channel_means():
-    detector = build_detector("probe", device="cpu", half=False, image_size=SIZE)
+    detector = build_detector("probe", device="cpu", half=False, **SMALL_PROBE)
     model = detector.model
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -206,7 +210,7 @@ def test_only_probe_detectors_are_fitted(parquet, tmp_path, caplog):
 
 
 def test_set_head_refuses_heads_that_do_not_fit():
-    detector = build_detector("probe", device="cpu", image_size=SIZE)
+    detector = build_detector("probe", device="cpu", **SMALL_PROBE)
     n = detector.model.num_features
     good = (torch.zeros(n), torch.ones(n), torch.zeros(n))
     with pytest.raises(ValueError, match="does not fit"):
@@ -263,7 +267,7 @@ def test_served_probe_reads_a_folded_backbone_with_the_same_features_and_never_a
 def test_larger_packaged_backbones_load_their_imagenet_weights(backbone, features):
     from base_miner.detectors.generalist import load_package_state_dict
 
-    detector = build_detector("probe", device="cpu", weights=None, backbone=backbone, runtime="torch")
+    detector = build_detector("probe", device="cpu", weights=None, half_scale=False, backbone=backbone, runtime="torch")
     package = load_package_state_dict(backbone)
     assert detector.model.num_features == features
     assert torch.equal(detector.model.backbone.conv_stem.weight, package["_conv_stem.weight"])
@@ -307,8 +311,8 @@ def test_zoom_view_appends_the_centre_crop_read_with_the_stem_at_stride_one(runt
 
     monkeypatch.setenv("BITMIND_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(onnx_serving, "_GRAPHS", {})  # no graph remembered from earlier tests
-    plain = build_detector("probe", device="cpu", weights=None, image_size=SIZE, runtime=runtime)
-    zoom = build_detector("probe", device="cpu", weights=None, image_size=SIZE, zoom_crop=32, runtime=runtime)
+    plain = build_detector("probe", device="cpu", runtime=runtime, **SMALL_PROBE)
+    zoom = build_detector("probe", device="cpu", zoom_crop=32, runtime=runtime, **SMALL_PROBE)
     assert zoom.model.num_features == 2 * plain.model.num_features == 2 * 1568
     batch = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -329,19 +333,58 @@ def test_zoom_view_appends_the_centre_crop_read_with_the_stem_at_stride_one(runt
         assert len(keys) == 2
 
 
-@pytest.mark.parametrize("zoom_crop, message", [(SIZE + 1, "must not exceed image_size"), (8, "greater than or equal")])
-def test_zoom_crop_out_of_range_is_a_config_error(zoom_crop, message):
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_half_scale_view_appends_the_statistics_of_the_image_at_half_its_side(runtime, tmp_path, monkeypatch):
+    """half_scale: the full-size statistics unchanged, then the same statistics of the image brought to half its side
+    by means of 2x2 pixels (an odd side keeps its last row/column as a mean of what there is), served from a graph of
+    its own."""
+    from base_miner.detectors import onnx_serving
+
+    monkeypatch.setenv("BITMIND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_serving, "_GRAPHS", {})
+    side = 2 * SIZE  # the smallest the half-scale view allows
+    plain = build_detector("probe", device="cpu", weights=None, image_size=side, half_scale=False, runtime=runtime)
+    half = build_detector("probe", device="cpu", weights=None, image_size=side, half_scale=True, runtime=runtime)
+    assert half.model.num_features == 2 * plain.model.num_features
+    batch = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, base = half.features(batch), plain.features(batch)
+        halved = batch.reshape(2, 3, side // 2, 2, side // 2, 2).mean((3, 5))
+        want = _stage_statistics(plain.model.backbone, halved)
+    tolerance = 1e-4 * float(want.abs().max())
+    assert torch.allclose(got[:, :1568], base, atol=tolerance)
+    assert torch.allclose(got[:, 1568:], want, atol=tolerance)
+    if runtime == "onnxruntime":
+        assert half.model.onnx_trunk().failed is None and plain.model.onnx_trunk().failed is None
+        assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2
+    with torch.inference_mode():  # an odd side: the last pooled column and row average what is there
+        odd = half.features(torch.randn(1, 3, side + 1, side + 1, generator=torch.Generator().manual_seed(2)))
+    assert odd.shape == (1, 3136) and torch.isfinite(odd).all()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(image_size=SIZE, zoom_crop=SIZE + 1), "must not exceed image_size"),
+        (dict(image_size=SIZE, zoom_crop=16), "greater than or equal"),  # its last stage would read one position
+        (dict(image_size=32), "greater than or equal"),  # a standard deviation over one position is NaN
+        (dict(image_size=SIZE, half_scale=True), "half_scale needs image_size >= 128"),
+    ],
+)
+def test_a_view_too_small_for_two_by_two_last_stage_positions_is_a_config_error(settings, message):
     from base_miner.registry import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        build_detector("probe", device="cpu", weights=None, image_size=SIZE, zoom_crop=zoom_crop)
+        build_detector("probe", device="cpu", weights=None, **settings)
 
 
-def test_feature_cache_is_keyed_by_the_zoom_view(tmp_path):
+def test_feature_cache_is_keyed_by_the_zoom_and_half_scale_views(tmp_path):
     spec = DatasetSpec.parse("x.parquet")
     caches = {
-        probe_fit._cache_file(tmp_path, build_detector("probe", device="cpu", weights=None, image_size=SIZE, zoom_crop=z),
-                              spec, 10, 1, 0, 0.5, [])  # fmt: skip
-        for z in (None, 32)
+        probe_fit._cache_file(
+            tmp_path, build_detector("probe", device="cpu", weights=None, image_size=128, zoom_crop=z, half_scale=h),
+            spec, 10, 1, 0, 0.5, [],
+        )  # fmt: skip
+        for z in (None, 32) for h in (False, True)
     }
-    assert len(caches) == 2
+    assert len(caches) == 4

