@@ -197,11 +197,86 @@ def test_content_balanced_fit_records_its_clusters(parquet, tmp_path, caplog):
      (["--content-clusters", "999"], "exceeds the 32 training images"),
      (["--copies", "-1"], "--copies"), (["--c", "0,1"], "positive"), (["--c", "x"], "comma-separated"),
      (["--holdout", "label=0"], "one class"), (["--holdout", "source=cam-a", "--holdout", "source=cam-b",
-                                               "--holdout", "source=gen-a", "--holdout", "source=gen-b"], "no rows")],
+                                               "--holdout", "source=gen-a", "--holdout", "source=gen-b"], "no rows"),
+     (["--streaming"], "--streaming needs --max-rows"),
+     (["--streaming", "--max-rows", "8", "--holdout", "source=cam-a", "--holdout", "source=cam-b", "--holdout",
+       "source=gen-a", "--holdout", "source=gen-b"], "the stream holds no rows outside --holdout"),
+     (["--streaming", "--max-rows", "3", "--holdout", "label=1"], "one class")],
 )
 def test_bad_fits_are_refused_with_a_reason(parquet, tmp_path, caplog, extra, message):
     assert _fit(parquet, tmp_path / "out", *extra) == 2
     assert message in caplog.text
+
+
+@pytest.mark.parametrize("extra", [["--max-rows", "0"], ["--max-rows", "x"], ["--shuffle-buffer", "-5"]])
+def test_non_positive_sample_sizes_are_refused_by_the_parser(parquet, tmp_path, extra):
+    with pytest.raises(SystemExit) as exit_:
+        _fit(parquet, tmp_path / "out", *extra)
+    assert exit_.value.code == 2
+
+
+def test_a_stream_reads_whole_splits_only(parquet, tmp_path, caplog):
+    spec = f"{parquet}:train[:50%]"
+    code = probe_fit.main(["--detector", "probe", *SMALL_PROBE_SETS, "--train", spec, "--streaming", "--max-rows", "4",
+                           "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2 and "a stream reads whole splits" in caplog.text
+
+
+def _fitted_probabilities(out: Path) -> np.ndarray:
+    images = [Image.open(io.BytesIO(b)) for b, *_ in _rows(7, 2)]
+    return np.asarray(build_detector(out / "config.yaml", device="cpu").predict(images))
+
+
+def test_a_streamed_dataset_is_fitted_like_the_same_rows_read_whole(parquet, tmp_path):
+    """One parquet file is one shard; with a shuffle buffer of one row the stream is the file in order, so the fit
+    must equal the map-style one exactly: same rows, labels and sources (hence group weights)."""
+    assert _fit(parquet, tmp_path / "whole", "--c", "0.01") == 0
+    streamed = tmp_path / "stream"
+    assert _fit(parquet, streamed, "--c", "0.01", "--streaming", "--max-rows", "1000", "--shuffle-buffer", "1") == 0
+    fit = json.loads((streamed / "fit.json").read_text())
+    assert fit["streaming"] and fit["images"] == 32 and len(fit["groups"]) == 4
+    assert np.allclose(_fitted_probabilities(streamed), _fitted_probabilities(tmp_path / "whole"), atol=1e-5)
+
+
+def test_a_stream_sample_leaves_the_holdout_out_is_shuffled_and_is_stored_once(parquet, tmp_path, monkeypatch):
+    original = {(b, label, source) for b, label, source, _ in _rows(0, 8)}
+    holdout = [probe_fit.parse_selector("source=cam-b")]
+    spec = DatasetSpec.parse(str(parquet))
+    path = probe_fit.stream_sample(spec, holdout, 12, 8, 0, tmp_path)
+    sample = load_spec(DatasetSpec(str(path)))
+    rows = list(zip((cell["bytes"] for cell in sample["image"]), sample["label"], sample["source"]))
+    assert len(rows) == 12 and set(rows) <= original  # each row intact: image, label and source together
+    assert "cam-b" not in sample["source"]
+    in_file_order = [r for r in _rows(0, 8) if r[2] != "cam-b"][:12]
+    assert [r[0] for r in rows] != [r[0] for r in in_file_order]  # the buffer mixed the order
+    other = probe_fit.stream_sample(spec, holdout, 12, 8, 1, tmp_path)  # another seed: another sample, another file
+    assert other != path and load_spec(DatasetSpec(str(other)))["image"] != sample["image"]
+    monkeypatch.setattr(probe_fit, "open_stream", lambda spec: pytest.fail("the stored sample must be reused"))
+    assert probe_fit.stream_sample(spec, holdout, 12, 8, 0, tmp_path) == path
+
+
+def test_an_interrupted_stream_sample_leaves_no_file_behind(parquet, tmp_path, monkeypatch):
+    def interrupted(rows, **_):
+        for index, row in enumerate(rows):
+            if index == 5:
+                raise KeyboardInterrupt
+            yield row
+
+    monkeypatch.setattr(probe_fit, "tqdm", interrupted)
+    spec = DatasetSpec.parse(str(parquet))
+    with pytest.raises(KeyboardInterrupt):
+        probe_fit.stream_sample(spec, [], 20, 4, 0, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither a partial sample nor its temporary file
+    monkeypatch.undo()
+    path = probe_fit.stream_sample(spec, [], 20, 4, 0, tmp_path)
+    assert len(load_spec(DatasetSpec(str(path)))) == 20
+
+
+def test_max_rows_without_streaming_is_a_stratified_subset(parquet, tmp_path):
+    out = tmp_path / "probe"
+    assert _fit(parquet, out, "--c", "0.01", "--max-rows", "16") == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["images"] == 16 and fit["real"] == 8 and fit["fake"] == 8 and fit["max_rows"] == 16
 
 
 def test_only_probe_detectors_are_fitted(parquet, tmp_path, caplog):

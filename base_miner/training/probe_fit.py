@@ -12,6 +12,8 @@ the real and generated weights move toward the same total, so a topic seen mostl
 city scenes) cannot make real photos of it "generated" (docs/TRAINING.md, "The content-balanced probe"). The
 regularisation strength is chosen by cross-validation over whole sources (GroupKFold), i.e. by how well the head does
 on sources it has not seen — the question the subnet asks.
+`--streaming --max-rows N` samples a hub dataset too large to download whole: N rows of its stream, shuffled
+through a buffer, are written once as a local parquet file beside the feature cache and fitted like any local data.
 """
 
 import argparse
@@ -37,20 +39,24 @@ from tqdm.auto import tqdm
 from base_miner.detectors.probe import ProbeDetector
 from base_miner.registry import ConfigError, build_detector, build_gate, load_config
 from base_miner.training.augment import OPERATIONS, TrainAugment, parse_operations
-from base_miner.training.cli import parse_overrides, run_command
+from base_miner.training.cli import _positive, parse_overrides, run_command
 from base_miner.training.data import (
     DataError,
     DatasetSpec,
+    Selector,
+    _row_matches,
     decode_row_image,
     face_crops,
     load_spec,
     parse_selector,
     select,
+    stratified_subset,
 )
-from bitmind.atomic import atomic_write_bytes
+from base_miner.training.streaming import open_stream
+from bitmind.atomic import atomic_write_bytes, atomic_writer
 from bitmind.image_codec import ImageDecodeError, to_rgb
 
-__all__ = ["build_parser", "content_weights", "extract_features", "fit_head", "group_weights", "main"]
+__all__ = ["build_parser", "content_weights", "extract_features", "fit_head", "group_weights", "main", "stream_sample"]
 
 log = logging.getLogger("bitmind-fit-probe")
 
@@ -134,6 +140,44 @@ def _load_cache(path: Path) -> dict[str, np.ndarray]:
     except (OSError, ValueError) as exc:
         log.warning("feature cache %s is unreadable (%s); extracting again", path, exc)
         return {}
+
+
+def stream_sample(spec: DatasetSpec, holdout: Sequence[Selector], rows: int, shuffle_buffer: int, seed: int,
+                  folder: Path) -> Path:  # fmt: skip
+    """`rows` rows of the spec's stream that match no `holdout` selector, shuffled through a buffer of
+    `shuffle_buffer` rows, as a local parquet file in the shared layout (written once, atomically; the same
+    arguments reuse it). Only the sample is stored, however large the dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = json.dumps([str(spec), [str(h) for h in holdout], rows, shuffle_buffer, seed])
+    path = folder / f"stream-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
+    if path.exists():
+        log.info("%s: reusing the stream sample %s", spec.name, path)
+        return path
+    stream = open_stream(spec)
+    if holdout:
+        stream = stream.filter(lambda r: not _row_matches(holdout, r["source"] or "", r["generator"] or "", int(r["label"])))
+    stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer).take(rows)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("image", image), ("label", pa.int64()), ("source", pa.string()), ("generator", pa.string())])
+    written, chunk = 0, []
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path) as file, pq.ParquetWriter(file, schema) as writer:
+        for row in tqdm(stream, total=rows, desc=f"stream {spec.name}", unit="row", leave=False):
+            cell = row["image"] or {}
+            chunk.append({"image": {"bytes": cell.get("bytes"), "path": cell.get("path")}, "label": int(row["label"]),
+                          "source": row["source"] or spec.name, "generator": row["generator"] or ""})  # fmt: skip
+            if len(chunk) == 256:
+                writer.write_table(pa.Table.from_pylist(chunk, schema))
+                written, chunk = written + len(chunk), []
+        if chunk:
+            writer.write_table(pa.Table.from_pylist(chunk, schema))
+            written += len(chunk)
+        if not written:
+            raise DataError(f"{spec.name}: the stream holds no rows" + (" outside --holdout" if holdout else ""))
+    log.info("%s: %d rows sampled from the stream (%d asked) into %s", spec.name, written, rows, path)
+    return path
 
 
 def extract_features(
@@ -237,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--content-strength", type=float, default=0.25,
                         help="how far each cluster's real and generated weights move toward equal: 0 = not at all, 1 = equal; "
                         "above 0 a cluster holding one class only drops out")
+    parser.add_argument("--max-rows", type=_positive(int), default=None,
+                        help="at most this many rows of each --train dataset: a label-stratified seeded subset, or with "
+                        "--streaming the first rows of the shuffled stream; default: every row (needed with --streaming)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="read each --train dataset as a stream (hub ids, parquet) and fit on a sample of --max-rows "
+                        "rows, stored once beside the feature cache: a dataset larger than the disk is never downloaded whole")
+    parser.add_argument("--shuffle-buffer", type=_positive(int), default=10000,
+                        help="rows in the stream's shuffle buffer (--streaming); its shards are shuffled too")
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmented copies and of the content clusters")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -281,6 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"--views: {exc}") from None
     holdout = [parse_selector(text) for text in args.holdout]
+    if args.streaming and args.max_rows is None:
+        raise ConfigError("--streaming needs --max-rows: a stream is sampled, never read whole")
     if args.threads:
         torch.set_num_threads(args.threads)
     detector = build_detector(args.detector, device=args.device, **parse_overrides(args.overrides))
@@ -293,18 +347,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     blocks, labels, groups = [], [], []
     for text in args.train:
         spec = DatasetSpec.parse(text)
-        ds = select(load_spec(spec), holdout, keep_matching=False)
+        name = spec.name
+        if args.streaming:
+            spec = DatasetSpec(str(stream_sample(spec, holdout, args.max_rows, args.shuffle_buffer, args.seed, cache_dir)))
+            ds = load_spec(spec)
+        else:
+            ds = stratified_subset(select(load_spec(spec), holdout, keep_matching=False), args.max_rows, args.seed)
         if gate is not None:
             ds, _ = face_crops(ds, gate, desc=f"face crops {spec.name}")
             spec = dataclasses.replace(spec, location=spec.location + "#face-crops")
         if not len(ds):
-            raise DataError(f"{spec.name}: no rows left after --holdout" + (" and the face gate" if gate else ""))
+            raise DataError(f"{name}: no rows left after --holdout" + (" and the face gate" if gate else ""))
         feats, kept = extract_features(
             detector, ds, spec, args.copies, augment, args.seed, cache_dir, args.batch_size, views=views
         )
         blocks.append(feats)
         labels.append(np.asarray(ds["label"])[kept])
-        groups.append(np.asarray([f"{spec.name}/{s}" for s in np.asarray(ds["source"])[kept]]))
+        groups.append(np.asarray([f"{name}/{s}" for s in np.asarray(ds["source"])[kept]]))
     feats = np.concatenate(blocks)  # (N, versions, D)
     y, g = np.concatenate(labels), np.concatenate(groups)
     if len(np.unique(y)) < 2:
@@ -328,6 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = dict(
         detector=str(args.detector), c=best, cv_log_loss={str(c): s for c, s in scores.items()}, folds=folds,
         images=int(len(y)), real=int((y == 0).sum()), fake=int((y == 1).sum()), copies=args.copies, views=views,
+        max_rows=args.max_rows, streaming=args.streaming,
         content_clusters=args.content_clusters, content_strength=args.content_strength if args.content_clusters else None,
         groups=sorted(set(g.tolist())), holdout=[str(s) for s in holdout], train=list(args.train),
     )  # fmt: skip
