@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shuffle-buffer", type=_positive(int), default=10000,
                         help="rows in the stream's shuffle buffer (--streaming); its shards are shuffled too")
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the augmented copies and of the content clusters")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the augmented copies, the content clusters, --max-rows subsets and the stream shuffle")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache); reused and resumed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
