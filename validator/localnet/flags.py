@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=_number(int, 0, strict=False),
         default=DEFAULT_ROUNDS,
-        help="Stop after the validator has scored this many challenges (0: run until Ctrl-C).",
+        help="Stop after the validator has scored this many challenges, exactly: the validator is started with "
+        "--neuron.max_steps of the same number (0: run until Ctrl-C).",
     )
     parser.add_argument("--summary", type=Path, default=None, help="Write the final leaderboard as JSON here.")
     parser.add_argument(

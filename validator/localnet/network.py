@@ -312,6 +312,8 @@ class Localnet:
             "--validator.semi_synthetic_cache", str(self.semi_cache) if args.semi_synthetic else "",
             *(["--challenge.probs", SEMI_MIX] if args.semi_synthetic else []),
             "--validator.video_share", str(args.video_share),
+            # the validator stops itself after --rounds steps, so the board ends at exactly that many
+            *(["--neuron.max_steps", str(args.rounds)] if args.rounds else []),
             *self._video_flags(),
             *self._seed_flag("validator"),
         ]
@@ -365,6 +367,8 @@ class Localnet:
 
     def _check_children(self) -> None:
         for child, code in self.supervisor.exited():
+            if child.role == "validator" and code == 0 and self._rounds_done(self.leaderboard()):
+                continue  # it stopped after --rounds steps (--neuron.max_steps), as asked
             if child.role == "miner" and self.args.tolerate_miner_exit:
                 self.console.event(
                     f"{child.name} (uid {child.extra['uid']}) exited with code {code}; it stays registered and "
@@ -390,13 +394,16 @@ class Localnet:
         while True:
             self._check_children()
             board = self.leaderboard()
-            if self.args.rounds and board.rounds >= self.args.rounds:
+            if self._rounds_done(board):
                 self.console.event(f"{board.rounds} rounds done")
                 return
             if board.rounds != shown:
                 shown = board.rounds
                 self.console.board(self.render(board))
             time.sleep(1.0)
+
+    def _rounds_done(self, board: Leaderboard) -> bool:
+        return bool(self.args.rounds) and board.rounds >= self.args.rounds
 
     def render(self, board: Leaderboard) -> str:
         """The board under a header with the round, the chain's block and the validator's last weights."""
