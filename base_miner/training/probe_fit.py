@@ -44,7 +44,6 @@ from base_miner.training.data import (
     DataError,
     DatasetSpec,
     Selector,
-    _row_matches,
     decode_row_image,
     face_crops,
     load_spec,
@@ -52,7 +51,7 @@ from base_miner.training.data import (
     select,
     stratified_subset,
 )
-from base_miner.training.streaming import open_stream
+from base_miner.training.streaming import open_stream, select_stream
 from bitmind.atomic import atomic_write_bytes, atomic_writer
 from bitmind.image_codec import ImageDecodeError, to_rgb
 
@@ -157,7 +156,7 @@ def stream_sample(spec: DatasetSpec, holdout: Sequence[Selector], rows: int, shu
         return path
     stream = open_stream(spec)
     if holdout:
-        stream = stream.filter(lambda r: not _row_matches(holdout, r["source"] or "", r["generator"] or "", int(r["label"])))
+        stream = select_stream(stream, holdout, keep_matching=False)
     stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer).take(rows)
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     schema = pa.schema([("image", image), ("label", pa.int64()), ("source", pa.string()), ("generator", pa.string())])

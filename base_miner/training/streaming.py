@@ -17,7 +17,7 @@ so the `(seed, epoch, sample)` plan of the map-style trainer does not apply (sam
 
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,14 @@ from base_miner.training.data import (
     COLUMNS,
     DataError,
     DatasetSpec,
+    Selector,
     _declared_label,
     _parquet_files,
     _row_matches,
 )
 from bitmind.hub_id import is_hub_id
 
-__all__ = ["StreamReader", "StreamSamples", "method_index", "open_stream", "process_part"]
+__all__ = ["StreamReader", "StreamSamples", "method_index", "open_stream", "process_part", "select_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,15 @@ def open_stream(spec: DatasetSpec):
         ds = ds.map(lambda row: missing_fill)
     ds = ds.select_columns(list(COLUMNS))
     if spec.selectors and "label" in columns:
-        selectors = spec.selectors
-        ds = ds.filter(lambda r: _row_matches(selectors, r["source"] or "", r["generator"] or "", int(r["label"])))
+        ds = select_stream(ds, spec.selectors)
     return ds
+
+
+def select_stream(stream, selectors: Sequence[Selector], keep_matching: bool = True):
+    """`data.select` for a stream: the rows that match any selector (or, with `keep_matching=False`, none)."""
+    return stream.filter(
+        lambda r: _row_matches(selectors, r["source"] or "", r["generator"] or "", int(r["label"])) == keep_matching
+    )
 
 
 def process_part(ds, rank: int, world: int):
