@@ -268,13 +268,7 @@ class Miner:
             allow_non_registered=bool(config.blacklist.allow_non_registered),
         )
         self.view = self._sync()
-        self.uid = self.view.uid_of(self.hotkey)
-        if self.uid is None:
-            raise SystemExit(
-                f"hotkey {self.hotkey} is not registered on netuid {config.netuid}: "
-                f"run `btcli subnet register --netuid {config.netuid} --wallet.name {config.wallet.name} "
-                f"--wallet.hotkey {config.wallet.hotkey}` first"
-            )
+        self.uid = self.view.require_uid(self.hotkey, config.wallet.name, config.wallet.hotkey)
         self.detector = build_detector(config.neuron.detector, device=config.neuron.device, **retrieval_override(config))
         self.return_masks = bool(config.miner.masks)
         if self.return_masks and not self.detector.produces_masks:

@@ -134,13 +134,7 @@ class Validator:
         state = self.store.load()  # before anything could save: a restart keeps scores
         self.scorer = Scorer.from_config(config, state.scorer if state else None)
         self.view = self._apply(self.chain.sync())
-        self.uid = self.view.uid_of(self.hotkey)
-        if self.uid is None:
-            raise SystemExit(
-                f"hotkey {self.hotkey} is not registered on netuid {config.netuid}: "
-                f"run `btcli subnet register --netuid {config.netuid} --wallet.name {config.wallet.name} "
-                f"--wallet.hotkey {config.wallet.hotkey}` first"
-            )
+        self.uid = self.view.require_uid(self.hotkey, config.wallet.name, config.wallet.hotkey)
         problem = self.chain.weights_rules(self.hotkey).version_problem(bitmind.spec_version)
         if problem:
             raise SystemExit(f"validator cannot start on netuid {config.netuid}: {problem}")

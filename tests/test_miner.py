@@ -239,8 +239,9 @@ def test_unregistered_miner_refuses_to_start(tmp_path):
          "--wallet.name", "nobody", "--wallet.hotkey", "default", "--neuron.detector", "baseline",
          "--neuron.state_dir", str(tmp_path / "state"), "--neuron.watchdog_timeout", "0"],
     )
-    with pytest.raises(SystemExit, match="not registered"):
+    with pytest.raises(SystemExit, match="not registered") as refused:
         Miner(config)
+    assert "btcli subnet register --netuid 34 --wallet.name nobody --wallet.hotkey default" in str(refused.value)
 
 
 def test_detector_flag_and_batching_flags_reach_the_miner(tmp_path):

@@ -199,8 +199,9 @@ def test_bad_flags_are_refused_before_anything_starts(bad, capsys):
 def test_unregistered_validator_refuses_to_start(subnet, tmp_path):
     make_wallet(subnet.wallet_root, "stranger")
     argv = validator_argv(subnet, tmp_path) + ["--wallet.name", "stranger"]
-    with pytest.raises(SystemExit, match="not registered"):
+    with pytest.raises(SystemExit, match="not registered") as refused:
         Validator(build_config(build_parser(), argv))
+    assert "--wallet.name stranger --wallet.hotkey" in str(refused.value)
 
 
 # --- behaviour of the process ---------------------------------------------------------------------------------

@@ -54,6 +54,16 @@ class MetagraphView:
         except ValueError:
             return None
 
+    def require_uid(self, hotkey: str, wallet_name: str, wallet_hotkey: str) -> int:
+        """The uid of a neuron's own hotkey; a neuron cannot run unregistered, so it exits with the command to fix it."""
+        uid = self.uid_of(hotkey)
+        if uid is None:
+            raise SystemExit(
+                f"hotkey {hotkey} is not registered on netuid {self.netuid}: run `btcli subnet register --netuid "
+                f"{self.netuid} --wallet.name {wallet_name} --wallet.hotkey {wallet_hotkey}` first"
+            )
+        return uid
+
     def index_of(self, uid: int) -> int:
         return self.uids.index(uid)
 
