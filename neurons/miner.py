@@ -335,7 +335,7 @@ class Miner:
         """One prediction at start-up: proves the model runs and keeps first-request latency low (first use builds
         lazy state, e.g. the ONNX Runtime export of a frozen trunk, which can take longer than a validator waits)."""
         started = time.perf_counter()
-        self.detector.predict(warm_up_images())
+        self.detector.warm_up(warm_up_images())
         if self.video_detector is not None:
             self.video_detector.predict_clips([np.full((16, 256, 256, 3), 127, np.uint8)])
         log.info("detector warm-up %.0f ms", (time.perf_counter() - started) * 1000)

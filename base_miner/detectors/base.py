@@ -61,3 +61,8 @@ class DeepfakeDetector(abc.ABC):
     def predict(self, images: list[Image.Image]) -> list[float]:
         """Probabilities in [0, 1] that each image is AI-generated."""
         return [p.probability for p in self.predict_detailed(images)]
+
+    def warm_up(self, images: list[Image.Image]) -> None:
+        """Run every path a request can take once, at start-up: first use builds lazy state (an ONNX Runtime export
+        of a frozen trunk takes seconds) that must not land inside a validator's timeout."""
+        self.predict(images)
