@@ -30,19 +30,20 @@ import numpy as np
 import psutil
 
 from validator.leaderboard import read_validator_state
+from validator.localnet.network import STATUS_FILE
 
-STATUS_FILE = "localnet.json"
 STOP_GRACE_S = 90.0
 CLEAN_EXITS = (0, 130)  # 130: the shell's code for a program that ended on SIGINT, which localnet uses for Ctrl-C
 
 
 @dataclass
 class Series:
-    """One process's samples: seconds since the first sample, MiB, descriptors, threads, CPU seconds."""
+    """One process's samples: seconds since the first sample, MiB (resident, or on disk for a folder), descriptors,
+    threads, CPU seconds."""
 
     name: str
     t: list[float] = field(default_factory=list)
-    rss: list[float] = field(default_factory=list)
+    mib: list[float] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)
     threads: list[int] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -72,13 +73,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, passthrough
 
 
-def _tree_sample(pid: int) -> tuple[float, int, int, float] | None:
-    """MiB resident, descriptors, threads and CPU seconds of a process and its descendants (None once gone)."""
+def _sample(pid: int, children: bool = True) -> tuple[float, int, int, float] | None:
+    """MiB resident, descriptors, threads and CPU seconds of a process with (or without) its descendants; None once
+    it is gone or has finished (a zombie: e.g. a one-off build)."""
     try:
         root = psutil.Process(pid)
-        if root.status() == psutil.STATUS_ZOMBIE:  # a child that finished its job (e.g. a one-off build)
+        if root.status() == psutil.STATUS_ZOMBIE:
             return None
-        procs = [root, *root.children(recursive=True)]
+        procs = [root, *(root.children(recursive=True) if children else [])]
     except psutil.NoSuchProcess:
         return None
     rss = fds = threads = 0
@@ -96,16 +98,18 @@ def _tree_sample(pid: int) -> tuple[float, int, int, float] | None:
     return rss / 2**20, fds, threads, cpu
 
 
-def _children(workdir: Path) -> dict[str, int]:
+def _status(workdir: Path) -> dict:
+    """What localnet publishes about its run (children, the validator's state folder, netuid); {} before it does."""
     try:
-        status = json.loads((workdir / STATUS_FILE).read_text())
+        return json.loads((workdir / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return {child["name"]: int(child["pid"]) for child in status.get("children", [])}
 
 
-def _rounds(workdir: Path) -> int | None:
-    state = read_validator_state(workdir / "validator", 34)
+def _rounds(status: dict) -> int | None:
+    if "validator" not in status:
+        return None
+    state = read_validator_state(status["validator"]["state_dir"], status["netuid"])
     return state.scorer.step if state is not None else None
 
 
@@ -126,7 +130,7 @@ def _slope_per_hour(series: Series, warmup_s: float) -> float:
     keep = t >= warmup_s
     if keep.sum() < 3:
         return float("nan")
-    return float(np.polyfit(t[keep] / 3600.0, np.asarray(series.rss)[keep], 1)[0])
+    return float(np.polyfit(t[keep] / 3600.0, np.asarray(series.mib)[keep], 1)[0])
 
 
 def _at(values: list, t: list[float], when: float):
@@ -147,12 +151,12 @@ def _report(
         span = s.t[-1] - s.t[0]
         cpu_pct = 100 * (s.cpu[-1] - s.cpu[0]) / span if span > 0 else float("nan")
         lines.append(
-            f"{name:<28} {_at(s.rss, s.t, warmup_s):>9.0f} {s.rss[-1]:>8.0f} {max(s.rss):>7.0f} "
+            f"{name:<28} {_at(s.mib, s.t, warmup_s):>9.0f} {s.mib[-1]:>8.0f} {max(s.mib):>7.0f} "
             f"{_slope_per_hour(s, warmup_s):>+7.1f} {_at(s.fds, s.t, warmup_s):>4}→{s.fds[-1]:<4} "
             f"{_at(s.threads, s.t, warmup_s):>4}→{s.threads[-1]:<4} {cpu_pct:>6.0f}"
         )
     for name, d in disk.items():
-        lines.append(f"disk, {name}: {d.rss[0]:.1f} → {d.rss[-1]:.1f} MiB ({_slope_per_hour(d, warmup_s):+.1f} MiB/h after the warm-up)")
+        lines.append(f"disk, {name}: {d.mib[0]:.1f} → {d.mib[-1]:.1f} MiB ({_slope_per_hour(d, warmup_s):+.1f} MiB/h after the warm-up)")
     if len(rounds) >= 2:
         (t0, r0), (t1, r1) = rounds[0], rounds[-1]
         lines.append(f"validator: {r1} rounds scored, {60 * (r1 - r0) / max(t1 - t0, 1e-9):.1f} per minute while sampled")
@@ -167,7 +171,7 @@ def _plot(series: dict[str, Series], warmup_s: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for name, s in series.items():
-        ax.plot(np.asarray(s.t) / 60, s.rss, label=name)
+        ax.plot(np.asarray(s.t) / 60, s.mib, label=name)
     ax.axvline(warmup_s / 60, color="grey", linestyle="--", linewidth=1, label="end of warm-up")
     ax.set_xlabel("minutes since the validator's first round")
     ax.set_ylabel("resident memory, MiB (process and its children)")
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         deadline = time.monotonic() + args.startup_timeout
-        while _rounds(workdir) is None:
+        while _rounds(_status(workdir)) is None:
             if proc.poll() is not None:
                 raise SystemExit(f"bitmind-localnet exited with {proc.returncode} during start-up; see {out / 'localnet.log'}")
             if time.monotonic() > deadline:
@@ -222,21 +226,24 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 raise SystemExit(f"bitmind-localnet exited with {proc.returncode} while sampled; see {out / 'localnet.log'}")
             now = time.monotonic() - t0
-            for name, pid in {"localnet": proc.pid, **_children(workdir)}.items():
-                sample = _tree_sample(pid) if name != "localnet" else _own_sample(pid)
+            status = _status(workdir)
+            children = {child["name"]: int(child["pid"]) for child in status.get("children", [])}
+            # localnet alone: its descendants are the children, sampled on their own
+            for name, pid in {"localnet": proc.pid, **children}.items():
+                sample = _sample(pid, children=name != "localnet")
                 if sample is None:
                     continue
                 s = series.setdefault(name, Series(name))
                 s.t.append(now)
-                for values, value in zip((s.rss, s.fds, s.threads, s.cpu), sample):
+                for values, value in zip((s.mib, s.fds, s.threads, s.cpu), sample):
                     values.append(value)
             for d, folder in zip(disk.values(), (workdir, workdir / "logs")):
                 d.t.append(now)
-                d.rss.append(_folder_mib(folder))
-            done = _rounds(workdir)
+                d.mib.append(_folder_mib(folder))
+            done = _rounds(status)
             if done is not None:
                 rounds.append((now, done))
-            print(f"{now / 60:6.1f} min: {done} rounds; " + ", ".join(f"{n} {s.rss[-1]:.0f} MiB" for n, s in series.items() if s.t),
+            print(f"{now / 60:6.1f} min: {done} rounds; " + ", ".join(f"{n} {s.mib[-1]:.0f} MiB" for n, s in series.items() if s.t),
                   flush=True)
             time.sleep(args.interval)
         code = 0
@@ -251,24 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                 writer = csv.writer(f)
                 writer.writerow(["process", "seconds", "rss_mib", "fds", "threads", "cpu_s"])
                 for s in series.values():
-                    writer.writerows([s.name, *row] for row in zip(s.t, s.rss, s.fds, s.threads, s.cpu))
+                    writer.writerows([s.name, *row] for row in zip(s.t, s.mib, s.fds, s.threads, s.cpu))
             _plot(series, warmup_s, out / "soak.png")
             print(_report(series, warmup_s, rounds, disk))
             print(f"samples: {out / 'soak.csv'}; picture: {out / 'soak.png'}")
         if stopped not in CLEAN_EXITS:
             code = 1
     return code
-
-
-def _own_sample(pid: int) -> tuple[float, int, int, float] | None:
-    """The supervisor alone (its descendants are the children sampled on their own)."""
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            times = proc.cpu_times()
-            return proc.memory_info().rss / 2**20, proc.num_fds(), proc.num_threads(), times.user + times.system
-    except psutil.NoSuchProcess:
-        return None
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def test_a_process_tree_is_sampled_with_its_children_and_skipped_once_finished()
         deadline = time.monotonic() + 20
         while len(soak.psutil.Process(parent.pid).children()) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        tree = soak._tree_sample(parent.pid)
-        alone = soak._own_sample(parent.pid)
+        tree = soak._sample(parent.pid)
+        alone = soak._sample(parent.pid, children=False)
         assert tree is not None and alone is not None
         assert tree[0] > alone[0] > 1  # MiB: the child's memory is counted too
         assert tree[2] >= alone[2] + 1  # threads of both
@@ -64,13 +64,12 @@ def test_a_process_tree_is_sampled_with_its_children_and_skipped_once_finished()
     deadline = time.monotonic() + 20
     while soak.psutil.Process(parent.pid).status() != soak.psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert soak._tree_sample(parent.pid) is None  # killed, not yet reaped: a zombie, skipped
+    assert soak._sample(parent.pid) is None  # killed, not yet reaped: a zombie, skipped
     parent.wait()
-    assert soak._tree_sample(parent.pid) is None and soak._own_sample(parent.pid) is None  # gone
+    assert soak._sample(parent.pid) is None and soak._sample(parent.pid, children=False) is None  # gone
 
 
 def test_memory_slope_ignores_the_warm_up_and_needs_three_samples():
-    series = soak.Series("x", t=[0, 60, 120, 180, 240], rss=[100, 500, 500, 501, 502])
+    series = soak.Series("x", t=[0, 60, 120, 180, 240], mib=[100, 500, 500, 501, 502])
     assert soak._slope_per_hour(series, warmup_s=100) == pytest.approx(60.0)  # 1 MiB a minute after warm-up
     assert np.isnan(soak._slope_per_hour(series, warmup_s=200))
-
