@@ -54,6 +54,7 @@ from base_miner.training.data import (
 from base_miner.training.streaming import open_stream, select_stream
 from bitmind.atomic import atomic_write_bytes, atomic_writer
 from bitmind.image_codec import ImageDecodeError, to_rgb
+from bitmind.stream_shuffle import shuffle_stream
 
 __all__ = ["build_parser", "content_weights", "extract_features", "fit_head", "group_weights", "main", "stream_sample"]
 
@@ -157,7 +158,7 @@ def stream_sample(spec: DatasetSpec, holdout: Sequence[Selector], rows: int, shu
     stream = open_stream(spec)
     if holdout:
         stream = select_stream(stream, holdout, keep_matching=False)
-    stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer).take(rows)
+    stream = shuffle_stream(stream, seed, shuffle_buffer).take(rows)
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     schema = pa.schema([("image", image), ("label", pa.int64()), ("source", pa.string()), ("generator", pa.string())])
     written, chunk = 0, []

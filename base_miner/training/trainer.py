@@ -54,6 +54,7 @@ from base_miner.training.mask_pairs import PairedAugment, accepts_masks, align_m
 from base_miner.training.streaming import StreamReader, StreamSamples, method_index, open_stream, process_part
 from bitmind.atomic import atomic_write_bytes, atomic_writer
 from bitmind.image_codec import ImageDecodeError
+from bitmind.stream_shuffle import shuffle_stream
 
 __all__ = ["STATE_FILE", "TrainConfig", "Trainer", "random_crop"]
 
@@ -275,7 +276,7 @@ class Trainer:
                     part = process_part(open_stream(spec), self.rank, self.world)
                     if next(iter(part), None) is None:
                         raise DataError(f"its part of {spec.name!r} holds no row (fewer rows than processes?)")
-                    streams.append((spec.name, part.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)))
+                    streams.append((spec.name, shuffle_stream(part, config.seed, config.shuffle_buffer)))
                     log.info("train %s: streamed, this process's part of %d", spec.name, self.world)
                 val_sets = self._val_sets([])
             except (DataError, ConfigError, OSError) as exc:

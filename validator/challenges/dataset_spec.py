@@ -7,7 +7,6 @@ folder of images (`"imagefolder"` builder). The image column is left undecoded, 
 row with the codec's limits; the stream is shuffled with a seed, which with the row's position identifies a row.
 """
 
-import inspect
 import re
 from dataclasses import dataclass
 from hashlib import sha1
@@ -17,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from bitmind.hub_id import is_hub_id
+from bitmind.stream_shuffle import shuffle_stream
 
 __all__ = [
     "DEFAULT_REAL_DATASETS",
@@ -143,12 +143,9 @@ class DatasetSpec:
             if isinstance(features[self.image_column], datasets.Image):
                 stream = stream.cast_column(self.image_column, datasets.Image(decode=False))
         if self.shuffle_buffer:
-            options: dict[str, Any] = {}
-            if "max_buffer_input_shards" in inspect.signature(stream.shuffle).parameters:
-                # One shard at a time (shard order is still shuffled): interleaving shards starts reader threads
-                # and costs a 5 s sleep whenever a stream ends or is dropped (seen with datasets 5.2).
-                options["max_buffer_input_shards"] = 1
-            stream = stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer, **options)
+            # One shard at a time (shard order is still shuffled): a source's stream is dropped at every failure and
+            # reopened every pass, and an interleaved one costs a 5 s sleep each time (bitmind.stream_shuffle).
+            stream = shuffle_stream(stream, seed, self.shuffle_buffer, max_shards=1)
         return stream
 
     def accepts(self, row: dict[str, Any]) -> bool:
