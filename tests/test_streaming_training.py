@@ -71,6 +71,44 @@ def test_streamed_training_is_reproducible_and_resumes_where_it_stopped(cifake_m
     assert "the streams start over" in caplog.text
 
 
+def test_a_saved_stream_position_another_version_made_starts_that_stream_over(cifake_mini, tmp_path, caplog):
+    """Stream positions are datasets' own state, whose layout changes with datasets and with how the stream is
+    shuffled (a one-shard stream saved before `bitmind.stream_shuffle` held an interleaving layer). datasets reads a
+    loaded position only when iteration starts: the resumed run must start such a stream over with a warning
+    instead of stopping with datasets' KeyError."""
+    caplog.set_level(logging.INFO)
+    reference = Trainer(_config(cifake_mini, tmp_path / "ref"))
+    reference.fit()
+    run = tmp_path / "old"
+    Trainer(_config(cifake_mini, run, max_steps=3)).fit()
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    positions = state["streams"][0]["streams"]
+    for index, text in enumerate(_config(cifake_mini, run).train):  # as the previous release shuffled them
+        old = open_stream(DatasetSpec.parse(text)).shuffle(seed=1, buffer_size=64, max_buffer_input_shards=10)
+        positions[index] = old.state_dict()
+    torch.save(state, run / STATE_FILE)
+
+    resumed = Trainer(_config(cifake_mini, run, resume=True))
+    assert resumed.step == 3
+    resumed.fit()
+    assert resumed.step == 4 and len(resumed.losses) == 4
+    assert resumed.losses[:3] == reference.losses[:3]  # the steps before the interruption are kept
+    assert caplog.text.count("starts over: its saved position does not fit it (KeyError") == 2
+
+
+def test_a_state_with_positions_of_other_streams_starts_them_all_over(cifake_mini, tmp_path, caplog):
+    """Resumed with another list of streams (the same plan of steps): the saved positions belong to other streams,
+    so every stream starts over with a warning (before, the third stream had no pass count and stopped the run)."""
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    Trainer(_config(cifake_mini, run, max_steps=3)).fit()
+    streams = [f"{cifake_mini}?label=0", f"{cifake_mini}?label=1", f"{cifake_mini}?label=1"]
+    resumed = Trainer(_config(cifake_mini, run, resume=True, train=streams))
+    resumed.fit()
+    assert resumed.step == 4
+    assert "the streams start over: the state holds positions of 2 stream(s), this run reads 3" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("keys", "error", "message"),
     [

@@ -115,10 +115,15 @@ class StreamReader:
         self.chooser = np.random.default_rng([seed, rank])
         self.passes = [0] * len(streams)
         self.iterators: list[Iterator | None] = [None] * len(streams)
-        if state is not None:
+        self._fresh: list[dict | None] = [None] * len(streams)  # a resumed stream's start, should its position not fit
+        if state is not None and len(state["streams"]) != len(streams):
+            log.warning("the streams start over: the state holds positions of %d stream(s), this run reads %d",
+                        len(state["streams"]), len(streams))  # fmt: skip
+        elif state is not None:
             self.chooser.bit_generator.state = state["chooser"]
             self.passes = list(state["passes"])
-            for (_, stream), stream_state in zip(streams, state["streams"]):
+            for index, ((_, stream), stream_state) in enumerate(zip(streams, state["streams"])):
+                self._fresh[index] = stream.state_dict()
                 stream.load_state_dict(stream_state)
 
     def state(self) -> dict:
@@ -129,15 +134,32 @@ class StreamReader:
         index = int(self.chooser.integers(len(self.streams)))
         name, stream = self.streams[index]
         for _ in range(2):
-            if self.iterators[index] is None:
-                stream.set_epoch(self.passes[index])
-                self.iterators[index] = iter(stream)
-            row = next(self.iterators[index], None)
+            row = self._read(index, name, stream)
             if row is not None:
                 return row
             self.iterators[index] = None
             self.passes[index] += 1
         raise DataError(f"process {self.rank} read no row of {name!r}: its part of the stream is empty")
+
+    def _read(self, index: int, name: str, stream) -> dict | None:  # noqa: ANN001 - datasets.IterableDataset
+        """The stream's next row, None at its end. datasets only reads a loaded position when iteration starts, so a
+        position saved by another version of datasets (or of this reader) fails here: it is dropped with a warning
+        and the stream starts over, as a state without positions does."""
+        if self.iterators[index] is None:
+            stream.set_epoch(self.passes[index])
+            self.iterators[index] = iter(stream)
+        try:
+            row = next(self.iterators[index], None)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            if self._fresh[index] is None:
+                raise
+            log.warning("the stream %r starts over: its saved position does not fit it (%s: %s)", name,
+                        type(exc).__name__, exc)  # fmt: skip
+            stream.load_state_dict(self._fresh[index])
+            self.iterators[index] = iter(stream)
+            row = next(self.iterators[index], None)
+        self._fresh[index] = None
+        return row
 
 
 class StreamSamples(torch.utils.data.IterableDataset):
