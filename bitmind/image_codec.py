@@ -9,8 +9,9 @@ All failures raise `ImageDecodeError` so callers handle one exception type.
 
 import base64
 import binascii
+import contextlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "decode_image",
     "encode_image",
     "fit_square",
+    "refusing_bad_files",
     "to_rgb",
 ]
 
@@ -34,6 +36,21 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 class ImageDecodeError(ValueError):
     """The payload is not an acceptable image; the message says why."""
+
+
+@contextlib.contextmanager
+def refusing_bad_files() -> Iterator[None]:
+    """Turn whatever Pillow raises on a hostile or broken file, from the header to the last pixel, into
+    `ImageDecodeError`: a caller that catches that one type can never be taken down by a file."""
+    try:
+        yield
+    # Pillow's own guard at open() (over twice Image.MAX_IMAGE_PIXELS; the warning only under `-W error`).
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError) as exc:
+        if isinstance(exc, ImageDecodeError):
+            raise
+        raise ImageDecodeError(f"unreadable or truncated image: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -129,7 +146,7 @@ def decode_bytes(raw: bytes, limits: DecodeLimits = DecodeLimits(), max_side: in
         raise ImageDecodeError("empty payload")
     if len(raw) > limits.max_bytes:
         raise ImageDecodeError(f"payload larger than {limits.max_bytes} bytes")
-    try:
+    with refusing_bad_files():
         try:
             image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
         except Image.UnidentifiedImageError as exc:
@@ -147,13 +164,6 @@ def decode_bytes(raw: bytes, limits: DecodeLimits = DecodeLimits(), max_side: in
         image.seek(0)  # first frame of animations
         image.load()
         image = to_rgb(ImageOps.exif_transpose(image) or image)
-    except ImageDecodeError:
-        raise
-    # Pillow's own guard at open() (over twice Image.MAX_IMAGE_PIXELS; the warning only under `-W error`).
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError) as exc:
-        raise ImageDecodeError(f"unreadable or truncated image: {exc}") from exc
     if max_side is not None and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return image

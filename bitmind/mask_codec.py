@@ -17,7 +17,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_base64, decode_bytes
+from bitmind.image_codec import DecodeLimits, ImageDecodeError, decode_base64, decode_bytes, refusing_bad_files
 
 __all__ = [
     "MAX_MASK_BYTES",
@@ -88,9 +88,9 @@ def mask_from_png(raw: bytes, expected_size: tuple[int, int], max_bytes: int = M
     if height < 1 or width < 1:
         raise ValueError(f"expected mask size must be positive (height, width), got {expected_size}")
     try:
-        with Image.open(io.BytesIO(raw), formats=("PNG",)) as header:  # reads the header only
+        with refusing_bad_files(), Image.open(io.BytesIO(raw), formats=("PNG",)) as header:  # reads the header only
             mode, size = header.mode, header.size
-    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except ImageDecodeError as exc:
         raise MaskDecodeError(f"mask is not a PNG: {exc}") from exc
     if mode not in MASK_MODES:
         raise MaskDecodeError(f"mask PNG has mode {mode}; expected 8-bit grayscale (L) or 1-bit")

@@ -5,7 +5,9 @@ import base64
 import io
 import json
 import logging
+import struct
 import typing
+import zlib
 from collections import deque
 
 import bittensor as bt
@@ -63,6 +65,16 @@ def test_mask_round_trip_keeps_values_to_one_grey_level():
     assert decode_mask(encode_mask(soft > 0.5), (40, 56)).max() == 1.0  # boolean maps are accepted
 
 
+def _png_header(width: int, height: int) -> str:
+    """A PNG that is all header: 8-bit grayscale of any claimed size, no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")).decode()
+
+
 @pytest.mark.parametrize("payload", [
     "",  # no mask
     "not base64 at all!",
@@ -72,6 +84,7 @@ def test_mask_round_trip_keeps_values_to_one_grey_level():
     _png(np.full((40, 56), 60000, np.uint16)),  # 16-bit: values past 1 once scaled
     _png(np.zeros((56, 40), np.uint8)),  # transposed: wrong size
     _png(np.zeros((4000, 4000), np.uint8)),  # far more pixels than the challenge: refused from the header
+    _png_header(20000, 20000),  # 88 bytes whose header trips Pillow's own bomb guard as the header is read
     "A" * (MAX_MASK_BYTES * 2),  # oversized payload: refused before decoding
 ])
 def test_bad_masks_are_no_mask(payload):
