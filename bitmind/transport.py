@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib.util
 import ipaddress
+import json
 import logging
 import socket
 import threading
@@ -32,6 +33,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import bittensor as bt
@@ -47,6 +49,7 @@ from bitmind.protocol import ImageSynapse, VideoSynapse
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "MAX_ANSWER_BYTES",
     "Blacklist",
     "Forward",
     "Listener",
@@ -63,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 # A 10 MiB image (the decoder's default limit) grows to ~13.4 MiB in base64; the rest is JSON and headers.
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# The largest answer a validator reads from one miner: an echo of the largest request a miner accepts (reference-style
+# miners send the whole synapse back) plus the answer fields. Past it the answer is refused unread (status 400),
+# so a hostile miner cannot make a validator hold gigabytes for the length of a timeout.
+MAX_ANSWER_BYTES = DEFAULT_MAX_REQUEST_BYTES + 1024 * 1024
 # The header bittensor's Dendrite puts the caller hotkey in (`Synapse.to_headers`).
 _HOTKEY_HEADER = "bt_header_dendrite_hotkey"
 
@@ -347,7 +354,8 @@ class Response:
     """One miner's answer to one query.
 
     `status` is the Dendrite's code (200 ok, 401 bad signature/nonce, 403 blacklisted, 404 unknown synapse,
-    408 timeout, 411/413 refused size, 422 unparseable answer, 500 miner error, 503 unreachable).
+    400 answer over MAX_ANSWER_BYTES, 408 timeout, 411/413 refused size, 422 unparseable answer, 500 miner error,
+    503 unreachable).
     `prediction` is the miner's value as it came (validate it before use), None unless status is 200.
     `latency` is seconds from send to answer, or the timeout when no answer came.
     `mask` is the miner's optional mask payload as it came (decode it with `bitmind.mask_codec`), "" when none.
@@ -393,6 +401,23 @@ class _Dendrite(bt.Dendrite):
         self.keypair = wallet.hotkey
         self.synapse_history: list = []
         self._session: aiohttp.ClientSession | None = None
+
+
+class _BoundedResponse(aiohttp.ClientResponse):
+    """A miner's HTTP answer whose JSON is read only up to MAX_ANSWER_BYTES. bittensor's `Dendrite.call` reads the
+    answer with `json()` and nothing else; an oversized one raises `ClientPayloadError`, which the Dendrite turns
+    into status 400 for that miner alone."""
+
+    async def json(self, *args: Any, **kwargs: Any) -> Any:
+        declared = self.content_length
+        if declared is not None and declared > MAX_ANSWER_BYTES:
+            raise aiohttp.ClientPayloadError(f"answer of {declared} bytes is over the {MAX_ANSWER_BYTES}-byte limit")
+        body = bytearray()
+        async for chunk in self.content.iter_any():
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise aiohttp.ClientPayloadError(f"answer is over the {MAX_ANSWER_BYTES}-byte limit")
+        return json.loads(body) if body.strip() else None
 
 
 def _dialable(axon: bt.AxonInfo) -> bt.AxonInfo:
@@ -448,7 +473,9 @@ class ValidatorClient:
         # fan-out. Concurrent `query` calls share the session; the last one to finish closes it.
         if self._in_flight == 0:
             await self._dendrite.aclose_session()
-            self._dendrite._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._dendrite._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), response_class=_BoundedResponse
+            )
         self._in_flight += 1
         try:
             results = await asyncio.gather(*calls, return_exceptions=True)

@@ -382,10 +382,8 @@ HOSTILE_ANSWERS = {
 }
 
 
-def test_hostile_miner_answers_become_statuses(wallets):
-    async def answer(request: web.Request) -> web.Response:
-        status, content_type, text = HOSTILE_ANSWERS[(await request.json())["image"]]
-        return web.Response(status=status, content_type=content_type, text=text)
+def _ask_stub_miner(wallets, answer, images: list[str]) -> list[Response]:
+    """Query an aiohttp stub miner (`answer` handles each request) through the real ValidatorClient."""
 
     async def scenario() -> list[Response]:
         app = web.Application()
@@ -405,15 +403,49 @@ def test_hostile_miner_answers_become_statuses(wallets):
         )
         client = ValidatorClient(wallets["validator"], external_ip=LOOPBACK)
         try:
-            return await client.query([axon] * len(HOSTILE_ANSWERS), list(HOSTILE_ANSWERS), timeout=5.0)
+            return await client.query([axon] * len(images), images, timeout=5.0)
         finally:
             await client.aclose()
             await runner.cleanup()
 
-    answers = dict(zip(HOSTILE_ANSWERS, asyncio.run(scenario())))
+    return asyncio.run(scenario())
+
+
+def test_hostile_miner_answers_become_statuses(wallets):
+    async def answer(request: web.Request) -> web.Response:
+        status, content_type, text = HOSTILE_ANSWERS[(await request.json())["image"]]
+        return web.Response(status=status, content_type=content_type, text=text)
+
+    answers = dict(zip(HOSTILE_ANSWERS, _ask_stub_miner(wallets, answer, list(HOSTILE_ANSWERS))))
     assert answers["nan"].status == 200 and math.isnan(answers["nan"].prediction)
     assert (answers["huge"].status, answers["huge"].prediction) == (200, 1e308)
     assert (answers["text-number"].status, answers["text-number"].prediction) == (200, 0.9)
     for name in ("no-status", "list", "null-dendrite", "not-json"):
         assert (answers[name].status, answers[name].prediction) == (422, None), name
     assert (answers["error"].status, answers["error"].prediction) == (500, None)
+
+
+def test_oversized_miner_answers_are_refused_unread(wallets, monkeypatch):
+    """An answer past MAX_ANSWER_BYTES is status 400 for that miner alone, whether its length is declared or it is
+    sent in chunks with none; an echo of the request within the limit still counts."""
+    monkeypatch.setattr(transport, "MAX_ANSWER_BYTES", 64 * 1024)
+    echo = lambda size: '{"prediction": 0.7, "image": "%s", %s}' % ("A" * size, OK)  # noqa: E731
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        kind = (await request.json())["image"]
+        if kind != "chunked":
+            return web.Response(content_type="application/json", text=echo(30_000 if kind == "fits" else 200_000))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        body = echo(10_000_000).encode()
+        for begin in range(0, len(body), 65536):
+            await response.write(body[begin : begin + 65536])
+        await response.write_eof()
+        return response
+
+    fits, declared, chunked = _ask_stub_miner(wallets, answer, ["fits", "declared", "chunked"])
+    assert (fits.status, fits.prediction) == (200, 0.7)
+    for refused in (declared, chunked):
+        assert (refused.status, refused.prediction, refused.ok) == (400, None, False)
+        assert "limit" in refused.message
