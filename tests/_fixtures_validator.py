@@ -46,6 +46,9 @@ class BrightSource:
         self.fail_times = fail_times
         self.calls = 0
 
+    def __len__(self) -> int:
+        return 1  # draws new noise each time: never empty
+
     def sample(self, rng: np.random.Generator) -> tuple[Image.Image, int, dict[str, Any]]:
         self.calls += 1
         if self.calls <= self.fail_times:
@@ -55,6 +58,9 @@ class BrightSource:
 
 class EmptySource:
     """A real-image source that has nothing cached (yet)."""
+
+    def __len__(self) -> int:
+        return 0
 
     def sample(self, rng: np.random.Generator) -> None:
         return None

@@ -275,6 +275,9 @@ class _FixedReal:
     def __init__(self, available: bool = True):
         self.available = available
 
+    def __len__(self) -> int:
+        return int(self.available)
+
     def sample(self, rng):
         if not self.available:
             return None
@@ -308,5 +311,8 @@ def test_sampler_mixes_real_and_fake_and_gives_none_without_real(tmp_path):
     labels = [sampler.sample(rng).label for _ in range(200)]
     assert 60 < sum(labels) < 140
     assert ChallengeSampler(_FixedReal(available=False), None).sample(rng) is None
+    # No real image cached: no challenge of any kind, not generated ones alone (they would pay "always generated").
+    only_fakes = ChallengeSampler(_FixedReal(available=False), SyntheticImageSource(tmp_path), fake_probability=1.0)
+    assert [only_fakes.sample(rng) for _ in range(20)] == [None] * 20
     with pytest.raises(ValueError):
         ChallengeSampler(_FixedReal(), None, fake_probability=1.5)

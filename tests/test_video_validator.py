@@ -262,8 +262,10 @@ def test_video_sampler_builds_augmented_clips_and_needs_both_classes(caplog):
     assert challenge.metadata["augmentation"]["level"] in (0, 1, 2, 3) and challenge.mask is None
     generated = VideoChallengeSampler(_Clips(0), _Clips(1), augmenter, fake_probability=1.0)
     assert generated.sample(np.random.default_rng(1)).kind == "synthetic"
-    nothing = VideoChallengeSampler(_Clips(0, count=0), _Clips(1), augmenter, fake_probability=0.0)
-    assert nothing.sample(np.random.default_rng(0)) is None
+    no_real = VideoChallengeSampler(_Clips(0, count=0), _Clips(1), augmenter, fake_probability=1.0)
+    with caplog.at_level(logging.WARNING):
+        assert [no_real.sample(np.random.default_rng(seed)) for seed in range(5)] == [None] * 5  # nor "always fake"
+    assert caplog.text.count("no real video clip cached") == 1  # once per warn_interval_s
     too_short = VideoChallengeSampler(_Clips(0, frames=2), _Clips(1, frames=2), augmenter)
     assert too_short.sample(np.random.default_rng(0)) is None
 

@@ -1,7 +1,8 @@
 """One challenge at a time: pick a kind (real, synthetic, semi-synthetic), draw from that source, augment.
 
 The validator loop calls `ChallengeSampler.sample(rng)` and gets a `Challenge` (a 256² RGB image, its label and
-metadata describing the source and the augmentation) or None when no real image is available yet. When a fake is
+metadata describing the source and the augmentation) or None while no real image is cached, whatever kind the draw
+would have been: challenges of one class would pay a miner that answers "generated" to everything. When a fake is
 wanted but the generator has not cached anything, a real challenge is issued (with a warning) rather than waiting.
 Real-only challenges make every miner's MCC 0, so a cache that stays empty raises an ERROR once per `empty_alarm_s`
 that names the likely cause (the generator is not running). A semi-synthetic challenge whose cache is empty (or not
@@ -34,6 +35,8 @@ EMPTY_ALARM_S = 600.0  # an empty synthetic cache for this long is an outage, no
 
 
 class ChallengeSource(Protocol):
+    def __len__(self) -> int: ...  # images cached now; 0 = nothing to draw
+
     def sample(self, rng: np.random.Generator) -> tuple[Image.Image, int, dict[str, Any]] | None: ...
 
 
@@ -113,7 +116,11 @@ class ChallengeSampler:
         return None if self.synthetic is None else len(self.synthetic)
 
     def sample(self, rng: np.random.Generator) -> Challenge | None:
-        """A fresh augmented challenge, or None (logged) when not even a real image is cached yet."""
+        """A fresh augmented challenge, or None (logged) while no real image is cached: generated challenges alone
+        would pay a miner that answers "generated" to everything."""
+        if not len(self.real):
+            log.warning("no real image cached yet: no challenge this round")
+            return None
         kind = self._choose_kind(rng)
         drawn, mask = None, None
         if kind == SEMI_SYNTHETIC:

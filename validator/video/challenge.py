@@ -47,8 +47,9 @@ class VideoChallenge:
 
 
 class VideoChallengeSampler:
-    """Real with probability 1 - fake_probability, else generated; no clip at all while no generated clip is cached
-    (the step sends an image instead): clips of one class only would pay a miner that answers "real" to every clip."""
+    """Real with probability 1 - fake_probability, else generated; no clip at all while either class has no clip
+    cached (the step sends an image instead): clips of one class only would pay a miner that gives one answer to
+    every clip."""
 
     def __init__(
         self,
@@ -74,7 +75,12 @@ class VideoChallengeSampler:
     def sample(self, rng: np.random.Generator) -> VideoChallenge | None:
         """A fresh augmented clip challenge, or None when no usable clip is cached."""
         if self.synthetic is None or not len(self.synthetic):
-            self._warn_no_synthetic()
+            self._warn_empty("no generated video clip cached: no video challenges until there is one (is a generator "
+                             "making videos? --generator.video_share, --generator.video_models)")
+            return None
+        if not len(self.real):
+            self._warn_empty("no real video clip cached: no video challenges until the filler caches one "
+                             "(--validator.real_video_datasets, --validator.real_video_cache)")
             return None
         source = self.synthetic if rng.random() < self.fake_probability else self.real
         for _ in range(self.attempts):
@@ -111,12 +117,12 @@ class VideoChallengeSampler:
              "augmentation": augmentation},
         )
 
-    def _warn_no_synthetic(self) -> None:
+    def _warn_empty(self, message: str) -> None:
+        """Once per `warn_interval_s`: a cache stays empty for a while, and the step runs every few seconds."""
         now = time.monotonic()
         if now >= self._next_warning:
             self._next_warning = now + self.warn_interval_s
-            log.warning("no generated video clip cached: no video challenges until there is one (is a generator "
-                        "making videos? --generator.video_share, --generator.video_models)")
+            log.warning(message)
 
 
 def _short(metadata: dict[str, Any]) -> dict[str, Any]:
