@@ -44,6 +44,7 @@ from validator.forward import (
     check_forward_config,
     format_step,
 )
+from validator.miner_selection import eligible_uids
 from validator.reward import AnswerKind
 from validator.scoring import Scorer, add_scoring_args
 from validator.state import StateStore
@@ -158,7 +159,7 @@ class Validator:
             video,
         )
         self.weight_setter = WeightSetter.from_config(
-            config, self.chain, self.wallet, self.scorer.weights, state.last_weights_block if state else None,
+            config, self.chain, self.wallet, self._weights, state.last_weights_block if state else None,
             hold_fn=self._weights_hold,
         )
         self._weights_seen = (0, 0)  # (successes, failures) already reported to the metrics
@@ -172,6 +173,11 @@ class Validator:
         )
 
     # --- chain view ------------------------------------------------------------------------------------------
+    def _weights(self) -> tuple[list[int], list[float]]:
+        """The scorer's weights, paid only to the miners a step may query now (`eligible_uids` of the last view)."""
+        limit = self.config.neuron.vpermit_stake_limit
+        return self.scorer.weights(among=eligible_uids(self.view, self.hotkey, limit))
+
     def _apply(self, view: MetagraphView) -> MetagraphView:
         """Hand a fresh metagraph to the scorer; a new hotkey at a uid starts from zero."""
         for uid in self.scorer.sync(view):

@@ -173,6 +173,14 @@ def test_weights_are_l1_normalised_scores():
     assert weights == pytest.approx([1 / 1.5, 0.0, 0.5 / 1.5])
 
 
+def test_weights_are_paid_only_among_the_uids_given():
+    scorer = _scorer(alpha=1.0)
+    scorer.score_challenge(1, [0, 1], [0.9, 0.9])  # both 0.5
+    assert scorer.weights(among=[1, 2]) == ([0, 1, 2], pytest.approx([0.0, 1.0, 0.0]))
+    assert scorer.weights(among=[2]) == ([0, 1, 2], pytest.approx([0.0, 0.0, 1.0]))  # all zero among them: uniform
+    assert scorer.weights(among=[]) == scorer.weights()  # nobody to pay: as if unrestricted
+
+
 def test_all_zero_scores_give_uniform_weights_and_no_uids_give_none():
     assert _scorer(("a", "b", "c", "d")).weights() == ([0, 1, 2, 3], pytest.approx([0.25] * 4))
     assert Scorer().weights() == ([], [])

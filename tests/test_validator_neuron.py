@@ -22,6 +22,7 @@ from bitmind.transport import ValidatorClient
 from neurons import validator as validator_module
 from neurons.validator import Validator, build_parser, main
 from tests._fixtures_validator import (
+    HIGH_STAKE,
     VALIDATOR_STAKE,
     BrightSource,
     EmptySource,
@@ -278,6 +279,22 @@ def test_weights_are_set_on_chain_with_the_spec_version(validator, subnet):
     with sqlite3.connect(subnet.chain_path) as conn:
         [(version_key,)] = conn.execute("SELECT version_key FROM weight_updates").fetchall()
     assert version_key == bitmind.spec_version
+
+
+def test_weights_go_only_to_miners_a_step_may_query(validator, subnet, fleet):
+    """A miner that can no longer be queried (here it takes a validator permit with stake above the limit; a miner
+    that stops serving its axon is the same) would keep its frozen score forever: it gets no weight from then on."""
+    for _ in range(4):
+        validator.step()
+    honest = subnet.uids["honest"]
+    assert validator.scorer.scores[honest] > 0 and dict(zip(*validator._weights()))[honest] > 0
+    subnet.chain.add_stake(fleet.servers["honest"].axon.wallet.hotkey.ss58_address, HIGH_STAKE)
+    validator._next_sync = 0.0
+    validator._maybe_sync()
+    assert honest not in validator.step().uids
+    weights = dict(zip(*validator._weights()))
+    assert weights[honest] == 0.0 and validator.scorer.scores[honest] > 0  # the score is kept, not paid
+    assert sum(weights.values()) == pytest.approx(1.0) and weights[subnet.uids["constant"]] > 0
 
 
 class CountingChain(LocalChain):

@@ -22,7 +22,7 @@ Decisions (tested in tests/test_scoring_state.py):
 import argparse
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,16 +305,23 @@ class Scorer:
         return Reward(value, reward.kind, reward.mcc, reward.accuracy)
 
     # --- outputs ---------------------------------------------------------------------------------------------
-    def weights(self) -> tuple[list[int], list[float]]:
-        """(uids, weights) summing to 1 over the registered uids; uniform when all scores are 0; empty if none."""
+    def weights(self, among: Collection[int] | None = None) -> tuple[list[int], list[float]]:
+        """(uids, weights) summing to 1 over the registered uids; empty if none.
+
+        With `among` (the miners a validator can query now), every other uid gets 0: a miner that stops serving its
+        axon is never queried again, so its score would stay frozen and keep earning without an answer. Uniform over
+        `among` (over every registered uid when it holds none of them) when their scores are all 0."""
         with self._lock:
             uids = [uid for uid, hotkey in enumerate(self._hotkeys) if hotkey]
             raw = self._scores[uids]
         if not uids:
             return [], []
-        raw = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
+        counted = np.isin(uids, list(among)) if among is not None else np.ones(len(uids), dtype=bool)
+        if not counted.any():
+            counted[:] = True
+        raw = np.where(counted, np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0), 0.0)
         total = raw.sum()
-        weights = raw / total if total > 0 else np.full(len(uids), 1.0 / len(uids))
+        weights = raw / total if total > 0 else counted / counted.sum()
         return uids, weights.tolist()
 
     def stats(self, uid: int) -> MinerStats:
