@@ -30,13 +30,32 @@ def is_generated(probability: typing.Any) -> typing.Any:
 
 
 class _Challenge(bt.Synapse):
-    """What every challenge synapse shares: the miner's answer and the cached request schema."""
+    """What every challenge synapse shares: the miner's answer and the cached request schema.
+
+    Like the subnet's own classes, no field is listed in `required_hash_fields`: a miner's axon recomputes the body
+    hash with its own class, so a miner that hashed `image` would answer every request of the subnet's validators
+    (which hash no field) with a hash mismatch (500). The signature covers the caller (hotkey, nonce, uuid) only.
+    """
 
     prediction: float = pydantic.Field(
         default=NO_ANSWER,
         title="prediction",
         description="Probability in [0, 1] that the challenge is AI-generated; -1 means no answer.",
     )
+
+    @pydantic.field_validator("prediction", mode="before")
+    @classmethod
+    def _generated_share(cls, value: typing.Any) -> typing.Any:
+        """The subnet's 2.x classes carry [real, synthetic, semi-synthetic] (default [-1, -1, -1]): read as the
+        probability that the image is generated (synthetic + semi-synthetic), so those validators' requests parse
+        and those miners' answers score. Any other list is left for pydantic to refuse."""
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            try:
+                real, synthetic, semi_synthetic = (float(part) for part in value)
+            except (TypeError, ValueError):
+                return value
+            return NO_ANSWER if real == synthetic == semi_synthetic == NO_ANSWER else synthetic + semi_synthetic
+        return value
 
     def deserialize(self) -> float:
         return self.prediction
@@ -69,9 +88,6 @@ class ImageSynapse(_Challenge):
         "that the pixel is AI-generated; empty means no mask.",
     )
 
-    # Every request field is covered by the body hash the signature protects (`mask` is an answer, not a request).
-    required_hash_fields: typing.ClassVar[tuple[str, ...]] = ("image",)
-
     @pydantic.field_validator("mask", mode="before")
     @classmethod
     def _mask_or_nothing(cls, value: typing.Any) -> str:
@@ -93,8 +109,6 @@ class VideoSynapse(_Challenge):
         title="video",
         description="A clip: 'bmv1:' + base64 of an AV1 IVF stream (bitmind.video_codec).",
     )
-
-    required_hash_fields: typing.ClassVar[tuple[str, ...]] = ("video",)
 
 
 @functools.cache

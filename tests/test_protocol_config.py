@@ -1,11 +1,13 @@
 """Protocol compatibility with subnet 34 and the command-line trap of bittensor 10.5."""
 
 import bittensor as bt
+import pydantic
 import pytest
 
 import bitmind
 from bitmind import protocol
 from bitmind.config import add_chain_args, add_neuron_args, build_config, new_parser
+from tests import _reference_protocol as reference_protocol
 
 
 def test_spec_version_follows_the_subnet_formula():
@@ -14,18 +16,36 @@ def test_spec_version_follows_the_subnet_formula():
     assert protocol.__version__ == bitmind.__version__
 
 
-def test_image_synapse_defaults_and_hash_fields():
+def test_image_synapse_defaults():
     synapse = protocol.ImageSynapse(image="aGVsbG8=")
     assert synapse.prediction == -1.0 == protocol.NO_ANSWER
     assert synapse.deserialize() == -1.0
-    assert set(synapse.required_hash_fields) == {"image"}
 
 
-def test_body_hash_covers_the_image():
-    first = protocol.ImageSynapse(image="aGVsbG8=")
-    second = protocol.ImageSynapse(image="d29ybGQ=")
-    assert first.body_hash != second.body_hash
-    assert first.body_hash == protocol.ImageSynapse(image="aGVsbG8=").body_hash
+@pytest.mark.parametrize("reference", [reference_protocol.ImageSynapse, reference_protocol.ImageSynapseV1])
+def test_body_hash_is_the_subnets(reference):
+    """A miner's axon recomputes the body hash with its own class: it must hash what the subnet's validators hash
+    (no field), or every one of their requests fails with a hash mismatch."""
+    for image in ("aGVsbG8=", "d29ybGQ="):
+        assert protocol.ImageSynapse(image=image).body_hash == reference(image=image).body_hash
+    assert not protocol.ImageSynapse.required_hash_fields and not protocol.VideoSynapse.required_hash_fields
+
+
+@pytest.mark.parametrize("sent, read", [
+    ([-1.0, -1.0, -1.0], protocol.NO_ANSWER),  # the 2.x default: no answer
+    ([0.2, 0.5, 0.3], 0.8),  # [real, synthetic, semi-synthetic]: the generated share
+    (["0.1", "0.9", "0"], 0.9),
+    (0.3, 0.3),
+])
+def test_three_class_predictions_read_as_the_generated_share(sent, read):
+    assert protocol.ImageSynapse(prediction=sent).prediction == pytest.approx(read)
+    assert protocol.VideoSynapse(prediction=sent).prediction == pytest.approx(read)
+
+
+@pytest.mark.parametrize("bad", [[1, 2], [0.1, 0.2, 0.3, 0.4], ["x", 0.5, 0.5], [None, 0.5, 0.5], {"p": 1}])
+def test_other_lists_are_refused(bad):
+    with pytest.raises(pydantic.ValidationError):
+        protocol.ImageSynapse(prediction=bad)
 
 
 def test_prediction_rejects_non_numbers():

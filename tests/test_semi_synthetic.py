@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import struct
-import typing
 import zlib
 from collections import deque
 
@@ -247,7 +246,6 @@ def _pre_mask_synapse() -> type[bt.Synapse]:
     class ImageSynapse(bt.Synapse):  # noqa: N801 - the wire name
         image: str = pydantic.Field(default="")
         prediction: float = pydantic.Field(default=-1.0)
-        required_hash_fields: typing.ClassVar[tuple[str, ...]] = ("image",)
 
         def deserialize(self) -> float:
             return self.prediction

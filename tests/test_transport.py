@@ -16,6 +16,7 @@ from aiohttp import web
 from bitmind import transport
 from bitmind.protocol import ImageSynapse
 from bitmind.transport import MinerServer, Response, ServeError, ValidatorClient
+from tests import _reference_protocol as reference_protocol
 from tests._wallets import LOOPBACK, free_port, offline_ip, wallet_factory  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
@@ -191,13 +192,34 @@ def test_replayed_request_refused(serve, wallets):
     assert forward.images == [IMAGE]
 
 
-def test_body_changed_after_signing_not_answered(serve, wallets):
+@pytest.mark.parametrize("reference", [reference_protocol.ImageSynapse, reference_protocol.ImageSynapseV1])
+def test_the_subnets_validators_are_answered(serve, wallets, reference):
+    """A validator running the subnet's own code (1.x or 2.x class) gets the miner's prediction, not a 500."""
     forward = RecordingForward()
     server = serve(forward)
-    request = signed(wallets["validator"], server.info(), IMAGE)
-    body = request.model_dump() | {"image": "c3dhcHBlZA=="}
-    assert post(server.port, request.to_headers(), body) != 200
-    assert forward.images == []
+
+    async def ask() -> bt.Synapse:
+        dendrite = transport._Dendrite(wallets["validator"], LOOPBACK)
+        try:
+            return await dendrite.call(server.info(), reference(image=IMAGE), timeout=5.0, deserialize=False)
+        finally:
+            await dendrite.aclose_session()
+
+    answer = asyncio.run(ask())
+    assert (answer.dendrite.status_code, answer.prediction) == (200, PREDICTION)
+    assert forward.images == [IMAGE]
+
+
+def test_a_three_class_answer_is_read_as_the_generated_share(wallets):
+    """A miner running the subnet's 2.x code answers [real, synthetic, semi-synthetic]."""
+
+    async def answer(request: web.Request) -> web.Response:
+        three = {"prediction": [0.25, 0.5, 0.25] if (await request.json())["image"] == "a" else [-1.0, -1.0, -1.0]}
+        return web.json_response({**three, "axon": {"status_code": 200}})
+
+    scored, silent = _ask_stub_miner(wallets, answer, ["a", "b"])
+    assert (scored.status, scored.prediction) == (200, 0.75)
+    assert (silent.status, silent.prediction) == (200, -1.0)
 
 
 def test_forward_error_answers_500_and_server_keeps_serving(serve, client, errors):
