@@ -138,6 +138,9 @@ class MicroBatcher:
                 slots.append(index)
             except ImageDecodeError as exc:  # VideoDecodeError is one too
                 results[index].error = f"bad {self.kind}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must fail its own request, never the batch
+                log.warning("the %s decoder failed unexpectedly: %s: %s", self.kind, type(exc).__name__, exc)
+                results[index].error = f"bad {self.kind}: {type(exc).__name__}: {exc}"
         for index, prediction in zip(slots, self._predict_isolated(images)):
             if isinstance(prediction, Prediction):
                 results[index].prediction = prediction

@@ -47,10 +47,12 @@ def refusing_bad_files() -> Iterator[None]:
     # Pillow's own guard at open() (over twice Image.MAX_IMAGE_PIXELS; the warning only under `-W error`).
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError) as exc:
-        if isinstance(exc, ImageDecodeError):
-            raise
-        raise ImageDecodeError(f"unreadable or truncated image: {exc}") from exc
+    except ImageDecodeError:
+        raise
+    # On a hostile file Pillow's plugins raise whatever their parsing hits (struct.error and AttributeError from a
+    # mistyped EXIF tag in exif_transpose, KeyError, IndexError, MemoryError, ...): every one of them is a refusal.
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError(f"unreadable or truncated image: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)

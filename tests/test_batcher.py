@@ -1,6 +1,7 @@
 """The miner's micro-batcher: batching really happens, and one bad request never spoils its batch."""
 
 import asyncio
+import struct
 import threading
 import time
 
@@ -87,6 +88,26 @@ def test_hostile_payload_fails_alone():
     assert garbage.prediction is None and "bad image" in garbage.error
     assert empty.prediction is None and "empty" in empty.error
     assert detector.batches == [2]
+
+
+def test_a_decoder_that_breaks_fails_its_request_alone():
+    """Whatever a decoder raises (here a struct.error, as Pillow's EXIF code did), only its own request fails."""
+
+    def decode(payload: str) -> Image.Image:
+        if payload == "boom":
+            raise struct.error("required argument is not an integer")
+        return Image.new("RGB", (32, 32), (int(payload),) * 3)
+
+    async def main():
+        batcher = MicroBatcher(RecordingDetector(), batch_size=4, max_wait_ms=30, decode=decode)
+        results = await asyncio.gather(*(batcher.submit(p) for p in ("10", "boom", "20")))
+        await batcher.close()
+        return results
+
+    first, broken, third = _run(main())
+    assert broken.prediction is None and broken.error == "bad payload: error: required argument is not an integer"
+    assert first.prediction.probability == pytest.approx(10 / 255)
+    assert third.prediction.probability == pytest.approx(20 / 255)
 
 
 def test_detector_exception_on_one_image_spares_the_rest():

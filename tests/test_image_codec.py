@@ -95,6 +95,24 @@ def test_pillow_bomb_guard_also_maps_to_decode_error():
         decode_image(_png(100_000, 100_000), DecodeLimits(max_pixels=10**12))
 
 
+def _jpeg_with_exif(entries: bytes, count: int) -> str:
+    """A small JPEG with an APP1 EXIF block of `count` big-endian IFD entries."""
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", count) + entries + b"\0\0\0\0"
+    app1 = b"Exif\0\0" + tiff
+    jpeg = base64.b64decode(_b64(_rgb(48, 40), fmt="JPEG"))
+    return base64.b64encode(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]).decode()
+
+
+def test_a_mistyped_exif_tag_is_a_refusal_not_a_crash():
+    # Orientation 6 (so exif_transpose rewrites the EXIF) beside a LONG tag stored as ASCII: Pillow raises
+    # struct.error there, which escaped the codec and failed the miner's whole batch.
+    entries = struct.pack(">HHII", 0x0112, 3, 1, 6 << 16) + struct.pack(">HHI4s", 0x0125, 2, 4, b"cam\0")
+    with pytest.raises(ImageDecodeError, match="unreadable"):
+        decode_image(_jpeg_with_exif(entries, 2))
+    rotated = decode_image(_jpeg_with_exif(struct.pack(">HHII", 0x0112, 3, 1, 6 << 16), 1))
+    assert rotated.size == (40, 48)  # a well-formed orientation still turns the image
+
+
 def test_absurd_aspect_ratio_rejected():
     with pytest.raises(ImageDecodeError, match="aspect ratio"):
         decode_image(_b64(_rgb(2000, 20)))
