@@ -83,6 +83,7 @@ class MicroBatcher:
         self.decode = decode or (lambda payload: decode_image(payload, self.limits))
         self.kind = "image" if decode is None else "payload"
         self._queue: asyncio.PriorityQueue[_Pending] | None = None
+        self._waiting: dict[int, _Pending] = {}  # queued and not yet taken by a worker, by arrival number
         self._arrivals = itertools.count()
         self.workers = workers
         self._tasks: list[asyncio.Task] = []
@@ -93,11 +94,32 @@ class MicroBatcher:
         if not self._tasks:
             self._queue = asyncio.PriorityQueue()
             self._tasks = [asyncio.get_running_loop().create_task(self._run()) for _ in range(self.workers)]
-        if self._queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self._queue.qsize()} requests already waiting")
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending((-priority, next(self._arrivals)), payload, future, time.perf_counter()))
-        return await future
+        rank = (-priority, next(self._arrivals))
+        if len(self._waiting) >= self.max_queue:
+            self._make_room(rank)
+        item = _Pending(rank, payload, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._waiting[rank[1]] = item
+        await self._queue.put(item)
+        return await item.future
+
+    def _make_room(self, rank: tuple[float, int]) -> None:
+        """A full queue: answer what waited past `max_age_s` (it would be dropped anyway) and forget what its caller
+        gave up on; still full, shed the lowest-ranked waiting request if the newcomer outranks it, else the newcomer
+        (QueueFull). So a flood of low-priority callers can never shut out a higher one."""
+        now = time.perf_counter()
+        for arrival, item in list(self._waiting.items()):
+            waited = now - item.enqueued
+            if not item.future.done() and waited > self.max_age_s:
+                item.future.set_result(BatchResult(None, f"dropped after waiting {waited:.1f}s"))
+            if item.future.done():
+                del self._waiting[arrival]
+        if len(self._waiting) < self.max_queue:
+            return
+        lowest = max(self._waiting.values())
+        if rank > lowest.rank:
+            raise QueueFull(f"{len(self._waiting)} requests already waiting")
+        del self._waiting[lowest.rank[1]]
+        lowest.future.set_exception(QueueFull(f"shed for a caller of higher priority ({self.max_queue} waiting)"))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,6 +134,8 @@ class MicroBatcher:
                     )
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
+            for item in batch:
+                self._waiting.pop(item.rank[1], None)
             live = [item for item in batch if not item.future.done()]
             try:
                 results = await loop.run_in_executor(self._executor, self._process, live)

@@ -188,6 +188,46 @@ def test_waiting_requests_are_served_by_priority_then_arrival():
     assert seen == [1, 40, 20, 50, 10, 30]
 
 
+def test_a_full_queue_sheds_its_lowest_caller_for_a_higher_one():
+    """Full of low-stake requests, the queue still takes a high-stake caller (shedding its newest lowest-ranked
+    request), refuses another low-stake one, and frees the places of requests that waited past max_age_s."""
+    detector = RecordingDetector()
+    seen: list[int] = []
+    busy, release = threading.Event(), threading.Event()
+
+    def predict(images):
+        seen.extend(round(np.asarray(image).mean()) for image in images)
+        if len(seen) == 1:  # the first request holds the worker until the rest are queued
+            busy.set()
+            assert release.wait(30)
+        return detector(images)
+
+    async def main():
+        batcher = MicroBatcher(predict, batch_size=1, max_wait_ms=0, max_queue=3, max_age_s=600.0)
+        first = asyncio.create_task(batcher.submit(_payload(1)))
+        assert await asyncio.to_thread(busy.wait, 30)
+        low = [asyncio.create_task(batcher.submit(_payload(value))) for value in (10, 20, 30)]
+        await asyncio.sleep(0)
+        whale = asyncio.create_task(batcher.submit(_payload(40), priority=900.0))
+        await asyncio.sleep(0)
+        late = asyncio.create_task(batcher.submit(_payload(50)))
+        await asyncio.sleep(0)
+        batcher.max_age_s = 1e-9  # everything waiting is now stale: a newcomer finds room
+        fresh = asyncio.create_task(batcher.submit(_payload(60)))
+        await asyncio.sleep(0)
+        batcher.max_age_s = 600.0
+        release.set()
+        outcomes = await asyncio.gather(first, *low, whale, late, fresh, return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    first, low10, low20, low30, whale, late, fresh = _run(main())
+    assert isinstance(low30, QueueFull) and "higher priority" in str(low30)  # the newest of the lowest rank
+    assert isinstance(late, QueueFull) and "already waiting" in str(late)  # a low caller does not shed its peers
+    assert "dropped" in low10.error and "dropped" in low20.error and "dropped" in whale.error
+    assert fresh.prediction is not None and seen == [1, 60]
+
+
 def test_workers_predict_batches_at_the_same_time():
     # Each call waits until another call is inside predict too: one worker alone would break the barrier.
     barrier = threading.Barrier(2, timeout=5)
