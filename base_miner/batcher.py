@@ -4,7 +4,8 @@ Requests are collected for up to `max_wait_ms` (or until `batch_size` are waitin
 forward pass on a worker thread, so the Axon's event loop keeps accepting requests while the model works.
 With `workers` > 1, that many batches run at once (torch and PIL release the GIL): on a CPU, one single-threaded
 batch per core beats one batch spread over all cores, whose threads stall whenever request handling takes a core.
-Waiting requests are served highest priority first (the miner passes the caller's stake), oldest first among equals.
+Waiting requests are served highest priority first (the miner passes the caller's stake), oldest first among equals;
+a full queue sheds its lowest-ranked request for a newcomer that outranks it, and refuses the newcomer otherwise.
 A payload that fails to decode, or an image the detector chokes on, fails alone: the rest of its batch is answered.
 The same batcher serves clips: `decode` turns a payload into what `predict_fn` takes (an image by default; the
 miner passes `bitmind.video_codec.decode_clip` for its video detector).
