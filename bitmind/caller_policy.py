@@ -21,8 +21,12 @@ class CallerPolicy:
         min_stake: float = 0.0,
         allow_non_registered: bool = False,
     ) -> None:
-        if min_stake < 0:
+        if not min_stake >= 0:
             raise ValueError(f"min_stake must be >= 0, got {min_stake}")
+        if allow_non_registered and (force_validator_permit or min_stake > 0):
+            # An unregistered caller has no permit and no stake to check: admitting it would let strangers past the
+            # rule that refuses registered callers.
+            raise ValueError("allow_non_registered cannot be combined with force_validator_permit or min_stake > 0")
         self.force_validator_permit = force_validator_permit
         self.min_stake = min_stake
         self.allow_non_registered = allow_non_registered

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--blacklist.allow_non_registered",
         action="store_true",
-        help="Answer hotkeys that are not registered on the subnet (testing only).",
+        help="Answer hotkeys that are not registered on the subnet (testing only; refused together with "
+        "--blacklist.force_validator_permit or --blacklist.min_stake).",
     )
     parser.add_argument(
         "--blacklist.min_stake", type=float, default=0.0,
@@ -262,11 +263,14 @@ class Miner:
         self.chain = chain or make_chain(config)
         self.stop_event = threading.Event()
         self.monitor = Monitor.from_config(config, role="miner")
-        self.policy = CallerPolicy(
-            force_validator_permit=bool(config.blacklist.force_validator_permit),
-            min_stake=float(config.blacklist.min_stake),
-            allow_non_registered=bool(config.blacklist.allow_non_registered),
-        )
+        try:
+            self.policy = CallerPolicy(
+                force_validator_permit=bool(config.blacklist.force_validator_permit),
+                min_stake=float(config.blacklist.min_stake),
+                allow_non_registered=bool(config.blacklist.allow_non_registered),
+            )
+        except ValueError as exc:
+            raise SystemExit(f"--blacklist flags: {exc}") from None
         self.view = self._sync()
         self.uid = self.view.require_uid(self.hotkey, config.wallet.name, config.wallet.hotkey)
         self.detector = build_detector(config.neuron.detector, device=config.neuron.device, **retrieval_override(config))

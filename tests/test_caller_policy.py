@@ -68,3 +68,11 @@ def test_update_forgets_deregistered_hotkeys():
 def test_negative_min_stake_rejected():
     with pytest.raises(ValueError):
         CallerPolicy(min_stake=-1)
+    with pytest.raises(ValueError):
+        CallerPolicy(min_stake=float("nan"))
+
+
+@pytest.mark.parametrize("strict", [{"force_validator_permit": True}, {"min_stake": 10.0}])
+def test_strangers_cannot_be_admitted_past_a_permit_or_stake_rule(strict):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        CallerPolicy(allow_non_registered=True, **strict)

@@ -230,6 +230,11 @@ def test_min_stake_refuses_small_callers(tmp_path):
         assert running.query(running.validator_wallet, [_image(0)])[0].status == 403
 
 
+def test_admitting_strangers_past_a_stake_rule_stops_start_up_with_the_reason(tmp_path):
+    with pytest.raises(SystemExit, match="--blacklist flags: allow_non_registered cannot be combined"):
+        MinerHarness(tmp_path, extra=["--blacklist.allow_non_registered", "--blacklist.min_stake", "5"])
+
+
 def test_unregistered_miner_refuses_to_start(tmp_path):
     chain_path = tmp_path / "chain.sqlite"
     LocalChain(chain_path)
