@@ -138,6 +138,16 @@ def test_not_due_until_epoch_length_blocks_passed(make_setter):
     assert setter.stats.successes == 1 and setter.last_success_block == 1100
 
 
+def test_a_recorded_block_ahead_of_the_chain_is_forgotten_with_a_warning(make_setter, caplog):
+    """A state dir reused on a chain made anew must not hold weights back until the old block comes round."""
+    chain = FakeChain()
+    setter = make_setter(chain, epoch_length=100, last_success_block=50_000)
+    with caplog.at_level(logging.WARNING, logger="validator.weight_setter"):
+        request(setter, block=1500)
+    assert setter.stats.successes == 1 and setter.last_success_block == 1500
+    assert "last set block on record (50000) is ahead of the chain (block 1500)" in caplog.text
+
+
 def test_block_from_chain_when_caller_has_none(make_setter):
     chain = FakeChain(current_block=4321)
     setter = make_setter(chain)

@@ -195,6 +195,13 @@ class WeightSetter:
                                type(exc).__name__, exc)
                 return
         last = self.stats.last_success_block
+        if last is not None and block < last:
+            # A state from another chain (a local chain made anew, a reset testnet): waiting for that block would
+            # hold weights back without a word. The chain's own rate limit still guards against sending too often.
+            logger.warning("weights: the last set block on record (%d) is ahead of the chain (block %d); forgotten",
+                           last, block)
+            self._update(last_success_block=None)
+            last = None
         if last is not None and block - last < self.epoch_length:
             logger.debug("weights: not due at block %d (last set at %d, epoch %d)", block, last, self.epoch_length)
             return
