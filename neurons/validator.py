@@ -92,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(config: bt.Config) -> list[str]:
     """Problems with the flags, one message each (empty when they are usable)."""
-    problems = check_forward_config(config) + check_video_config(config)
+    problems = check_forward_config(config) + check_video_config(config) + Scorer.check_config(config)
     neuron = config.neuron
+    weights_problem = WeightSetter.check_settings(neuron.epoch_length, neuron.weights_backoff)
+    if weights_problem:
+        problems.append(weights_problem)
     if not neuron.step_interval >= 0:
         problems.append(f"--neuron.step_interval must be >= 0, got {neuron.step_interval}")
     if neuron.max_steps < 0:

@@ -188,6 +188,8 @@ def test_sync_interval_decides_when_new_neurons_are_seen(subnet, tmp_path):
         ["--validator.fake_prob", "1.5"], ["--validator.jpeg_quality", "0"], ["--validator.augment_probs", "9:1"],
         ["--validator.real_datasets", " , "], ["--neuron.step_interval", "-1"], ["--neuron.max_steps", "-1"],
         ["--neuron.vpermit_stake_limit", "-5"], ["--validator.real_cache_max_gb", "0"],
+        ["--neuron.alpha", "0"], ["--neuron.alpha", "nan"], ["--neuron.history_mcc", "0"],
+        ["--neuron.history_acc", "-3"], ["--neuron.epoch_length", "0"], ["--neuron.weights_backoff", "-1"],
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(bad, capsys):

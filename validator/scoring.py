@@ -164,16 +164,30 @@ class Scorer:
         self._records: dict[str, _MinerRecord] = {}
         self._step = 0
 
-    @classmethod
-    def from_config(cls, config, snapshot: ScorerState | None = None) -> "Scorer":
-        """A scorer with the `--neuron.*` flags, restored from `snapshot` when there is one."""
-        params = dict(
+    @staticmethod
+    def _config_params(config) -> dict:
+        return dict(
             alpha=config.neuron.alpha,
             history_mcc=config.neuron.history_mcc,
             history_acc=config.neuron.history_acc,
             weights=modality_weights(config.validator.video_share),
         )
+
+    @classmethod
+    def from_config(cls, config, snapshot: ScorerState | None = None) -> "Scorer":
+        """A scorer with the `--neuron.*` flags, restored from `snapshot` when there is one."""
+        params = cls._config_params(config)
         return cls.from_snapshot(snapshot, **params) if snapshot is not None else cls(**params)
+
+    @classmethod
+    def check_config(cls, config) -> list[str]:
+        """What is wrong with the scoring flags, checked by building a scorer from them: at parse time, before the
+        wallet and the chain, instead of a traceback after them."""
+        try:
+            cls(**cls._config_params(config))
+        except ValueError as exc:
+            return [f"scoring flags (--neuron.alpha, --neuron.history_mcc, --neuron.history_acc): {exc}"]
+        return []
 
     @classmethod
     def from_snapshot(cls, snapshot: ScorerState, **params) -> "Scorer":

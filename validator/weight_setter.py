@@ -90,8 +90,9 @@ class WeightSetter:
         hold_fn: HoldFn | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if epoch_length < 1 or not backoff >= 0:
-            raise ValueError(f"need epoch_length >= 1 and backoff >= 0; got {epoch_length}, {backoff}")
+        problem = self.check_settings(epoch_length, backoff)
+        if problem:
+            raise ValueError(problem)
         self.chain = chain
         self.wallet = wallet
         self.weights_fn = weights_fn
@@ -106,6 +107,13 @@ class WeightSetter:
         self._requested_block: int | None = None
         self._backoff = Backoff(min(backoff, MAX_BACKOFF), MAX_BACKOFF, clock)
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def check_settings(epoch_length: int, backoff: float) -> str | None:
+        """Why these settings cannot run (None when they can)."""
+        if epoch_length < 1 or not backoff >= 0:
+            return f"need --neuron.epoch_length >= 1 and --neuron.weights_backoff >= 0; got {epoch_length}, {backoff}"
+        return None
 
     @classmethod
     def from_config(
