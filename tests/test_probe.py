@@ -126,6 +126,28 @@ def test_unreadable_rows_are_skipped_and_counted(tmp_path):
     assert features.shape[:2] == (11, 1) and 2 not in kept.tolist()
 
 
+def test_a_rewritten_dataset_gets_new_features_not_the_old_cache(tmp_path):
+    """Same path, same number of rows, other images: the cached features of the old file must not be reused."""
+    detector = build_detector("probe", device="cpu", half=False, **SMALL_PROBE)
+    path, cache = tmp_path / "rows.parquet", tmp_path / "cache"
+    first_images = write_parquet(path, _rows(1, 2))
+    spec = DatasetSpec.parse(str(first_images))
+    first, _ = probe_fit.extract_features(detector, load_spec(spec), spec, 0, TrainAugment(0.0), 0, cache)
+    write_parquet(path, _rows(2, 2))
+    second, _ = probe_fit.extract_features(detector, load_spec(spec), spec, 0, TrainAugment(0.0), 0, cache)
+    assert len(list(cache.glob("features-*.npz"))) == 2 and not np.allclose(first, second, atol=1e-3)
+
+
+def test_a_dataset_without_a_readable_row_or_a_bad_batch_size_is_refused(parquet, tmp_path, caplog):
+    unreadable = write_parquet(tmp_path / "broken.parquet", [(b"not an image", 0, "cam-a", "")] * 3)
+    assert probe_fit.main(["--detector", "probe", *SMALL_PROBE_SETS, "--train", str(parquet), "--train",
+                           str(unreadable), "--copies", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "none of its 3 rows holds a readable image" in caplog.text
+    with pytest.raises(SystemExit) as refused:
+        _fit(parquet, tmp_path / "bs", "--batch-size", "0")
+    assert refused.value.code == 2
+
+
 def test_group_weights_balance_classes_and_sources():
     labels = np.array([0] * 6 + [0] * 2 + [1] * 4)
     groups = np.array(["a"] * 6 + ["b"] * 2 + ["g"] * 4)
@@ -458,7 +480,7 @@ def test_feature_cache_is_keyed_by_the_zoom_and_half_scale_views(tmp_path):
     caches = {
         probe_fit._cache_file(
             tmp_path, build_detector("probe", device="cpu", weights=None, image_size=128, zoom_crop=z, half_scale=h),
-            spec, 10, 1, 0, 0.5, [],
+            spec, range(10), 1, 0, 0.5, [],  # ten rows
         )  # fmt: skip
         for z in (None, 32) for h in (False, True)
     }

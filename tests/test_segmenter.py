@@ -3,6 +3,7 @@ masks flow from the builder's parquet through bitmind-train, the arena scores ma
 bitmind-detect --mask writes both pictures, CAMO passes the map on, and the miner answers with it when asked."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,28 @@ def test_shipped_segmenter_keeps_a_floor_on_unseen_generators(diverse, tmp_path)
     rows = load_spec(str(semi_synthetic.write_parquet(columns, tmp_path / "h.parquet")))
     report = evaluate(build_detector("segmenter", device="cpu"), rows)
     assert report["image"]["accuracy"] >= 0.75 and report["mask"]["mean_iou"] >= 0.45, report
+
+
+def test_fit_segmenter_recomputes_its_feature_cache_for_a_rewritten_dataset(segmenter_yaml, diverse, tmp_path, caplog):
+    """The cache key holds the rows' fingerprint: the same --train path rewritten with other rows is recomputed."""
+    from base_miner.training import segmenter_fit
+
+    data, cache = tmp_path / "semi.parquet", tmp_path / "features.pt"
+    argv = ["--detector", str(segmenter_yaml), "--train", str(data), "--epochs", "1", "--threads", "1",
+            "--cache", str(cache), "--out", str(tmp_path / "out")]  # fmt: skip
+
+    def write(seed: int) -> None:
+        assert semi_synthetic.main(["--data", str(diverse / "train.parquet"), "--rows", "4", "--seed", str(seed),
+                                    "--out", str(data)]) == 0  # fmt: skip
+
+    def fit() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert segmenter_fit.main(argv) == 0
+        return caplog.text
+
+    write(1)
+    assert "reusing" not in fit() and cache.is_file()
+    assert "reusing the feature cache" in fit()
+    write(2)
+    assert "made with other data or settings; recomputing" in fit()

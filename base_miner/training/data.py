@@ -40,6 +40,7 @@ __all__ = [
     "DatasetSpec",
     "Selector",
     "balanced_weights",
+    "data_fingerprint",
     "decode_row_image",
     "face_crops",
     "load_spec",
@@ -214,6 +215,12 @@ def _normalise(ds, spec: DatasetSpec):
     if labels.size and not np.isin(labels, (0, 1)).all():
         raise DataError(f"dataset {spec.name!r}: label must be 0 (real) or 1 (AI-generated), found {np.unique(labels)}")
     return ds
+
+
+def data_fingerprint(ds) -> str | None:
+    """What `datasets` knows of a dataset's content and the operations on it (it changes when a local file is
+    rewritten): the part of a feature cache's key that says the rows are still the same."""
+    return getattr(ds, "_fingerprint", None)
 
 
 def load_spec(spec: DatasetSpec | str):

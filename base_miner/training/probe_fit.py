@@ -44,6 +44,7 @@ from base_miner.training.data import (
     DataError,
     DatasetSpec,
     Selector,
+    data_fingerprint,
     decode_row_image,
     face_crops,
     load_spec,
@@ -124,10 +125,12 @@ def _cv_loss(features, labels, weights, groups, c: float, folds: int) -> float:
 _FEATURE_KEYS = ("backbone", "image_size", "resize_mode", "mean", "std", "include_head", "zoom_crop", "half_scale")
 
 
-def _cache_file(cache_dir: Path, detector: ProbeDetector, spec: DatasetSpec, rows: int, copies: int, seed: int,
+def _cache_file(cache_dir: Path, detector: ProbeDetector, spec: DatasetSpec, ds, copies: int, seed: int,
                 augment: float, views: Sequence[str]) -> Path:  # fmt: skip
+    """One file per set of rows and feature settings; the rows' fingerprint makes a rewritten dataset a new file."""
     settings = {key: getattr(detector.settings, key) for key in _FEATURE_KEYS}
-    key = json.dumps([settings, str(spec), rows, copies, seed, augment, list(views)], sort_keys=True, default=str)
+    key = json.dumps([settings, str(spec), len(ds), data_fingerprint(ds), copies, seed, augment, list(views)],
+                     sort_keys=True, default=str)  # fmt: skip
     return cache_dir / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -199,7 +202,9 @@ def extract_features(
     installed). Version k of row i is drawn from `(seed, i, k)`, so a resumed extraction computes what an
     uninterrupted one would. Progress is saved to the cache every `save_every` rows.
     """
-    path = _cache_file(cache_dir, detector, spec, len(ds), copies, seed, augment.strength, views)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    path = _cache_file(cache_dir, detector, spec, ds, copies, seed, augment.strength, views)
     cached = _load_cache(path)
     versions_per_row = 1 + copies + len(views)
     features: list[np.ndarray] = list(cached.get("features", np.zeros((0, versions_per_row, 0))))
@@ -250,7 +255,7 @@ def extract_features(
                  versions_per_row - 1)  # fmt: skip
     if not features:
         save(len(ds))
-    return np.stack(features) if features else np.zeros((0, versions_per_row, width)), np.asarray(kept)
+    return np.stack(features) if features else np.zeros((0, versions_per_row, width)), np.asarray(kept, np.int64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the augmented copies, the content clusters, --max-rows subsets and the stream shuffle")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache); reused and resumed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
@@ -362,6 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         feats, kept = extract_features(
             detector, ds, spec, args.copies, augment, args.seed, cache_dir, args.batch_size, views=views
         )
+        if not len(kept):
+            raise DataError(f"{name}: none of its {len(ds)} rows holds a readable image")
         blocks.append(feats)
         labels.append(np.asarray(ds["label"])[kept])
         groups.append(np.asarray([f"{name}/{s}" for s in np.asarray(ds["source"])[kept]]))

@@ -30,7 +30,7 @@ from base_miner.arena.metrics import binary_metrics
 from base_miner.detectors.segmenter import SegmenterDetector
 from base_miner.registry import ConfigError, build_detector
 from base_miner.training.cli import parse_overrides, run_command
-from base_miner.training.data import decode_row_image, load_spec
+from base_miner.training.data import data_fingerprint, decode_row_image, load_spec
 from base_miner.training.mask_pairs import PairedAugment, align_mask_columns, row_mask
 from bitmind.atomic import atomic_writer
 from bitmind.image_codec import ImageDecodeError
@@ -195,11 +195,13 @@ def _run(args: argparse.Namespace) -> None:
     if not isinstance(detector, SegmenterDetector) or detector.settings.trainable_stages:
         raise ConfigError("bitmind-fit-segmenter fits a segmenter with a frozen encoder (trainable_stages: 0); "
                           "use bitmind-train otherwise")  # fmt: skip
-    key = {"train": list(args.train), "views": args.views, "augment": args.augment, "seed": args.seed,
+    rows = _rows(args.train)
+    key = {"train": list(args.train), "rows": len(rows), "fingerprint": data_fingerprint(rows), "views": args.views,
+           "augment": args.augment, "seed": args.seed,
            "config": {k: v for k, v in detector.export_config().items() if k not in _DECODER_KEYS}}  # fmt: skip
     cached = _load_cache(args.cache, key)
     if cached is None:
-        cached = cache_features(detector, _rows(args.train), args.views, PairedAugment(args.augment), args.seed)
+        cached = cache_features(detector, rows, args.views, PairedAugment(args.augment), args.seed)
         if args.cache:
             with atomic_writer(args.cache) as handle:
                 torch.save({"key": json.dumps(key, sort_keys=True), "data": cached}, handle)
