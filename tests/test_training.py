@@ -1,6 +1,7 @@
 """bitmind-train: every detector learns on cifake-mini, resume is exact, seeds reproduce, bad input fails cleanly."""
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from base_miner.registry import build_detector
+from base_miner.registry import ConfigError, build_detector
 from base_miner.training import cli
 from base_miner.training.augment import DEFAULT_OPERATIONS, OPERATIONS, TrainAugment
 from base_miner.training.data import DataError, DatasetSpec, load_spec, parse_selector, select, stratified_subset
@@ -150,6 +151,42 @@ def test_resume_continues_from_the_saved_step_exactly(cifake_mini, tmp_path):
     assert resumed.losses == straight.losses  # same batches, same augmentation, same updates
     for key, tensor in straight.detector.model.state_dict().items():
         torch.testing.assert_close(resumed.detector.model.state_dict()[key], tensor)
+
+
+def test_an_epoch_end_cut_short_is_finished_on_resume(cifake_mini, tmp_path, monkeypatch):
+    """Ctrl-C during the last epoch's validation: the state is saved at the epoch's last step (as the CLI does), and
+    the resumed run validates and writes that epoch's checkpoints and metrics line before it reports done."""
+    out = tmp_path / "run"
+    first = Trainer(_loop_config(cifake_mini, out, epochs=2))
+    calls = {"n": 0}
+    real_validate = first.validate
+
+    def interrupted():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate()
+
+    monkeypatch.setattr(first, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    first.save_state(collective=False)
+    assert first.step == 4 and first.epochs_ended == 1
+    resumed = Trainer(_loop_config(cifake_mini, out, epochs=2, resume=True))
+    metrics = resumed.fit()
+    assert metrics["epoch"] == 2 and resumed.step == 4
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert (out / "last" / "model.safetensors").is_file()
+    assert Trainer(_loop_config(cifake_mini, out, epochs=2, resume=True)).fit() == {}  # finished: nothing again
+
+
+def test_a_run_folder_is_never_mixed_with_another_run(cifake_mini, tmp_path):
+    Trainer(_loop_config(cifake_mini, tmp_path, epochs=1)).fit()
+    with pytest.raises(ConfigError, match="holds a run .* continue it with --resume"):
+        Trainer(_loop_config(cifake_mini, tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match="made with another detector or config"):
+        Trainer(_loop_config(cifake_mini, tmp_path, epochs=1, resume=True, detector="tiny_cnn"))
 
 
 def test_same_seed_same_losses_other_seed_other_losses(cifake_mini, tmp_path):

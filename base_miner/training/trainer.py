@@ -183,11 +183,14 @@ class Trainer:
         self.step = 0
         self._micro_losses: list[float] = []
         self.best_score = -math.inf
+        self.epochs_ended = 0  # epochs whose validation, checkpoints and metrics line are written
         self.losses: list[float] = []
         self.unreadable = 0
         self._val_cache: dict[str, tuple[list[Image.Image], list[int], int]] = {}
         if config.resume:
             self._resume_everywhere()
+        else:
+            self._refuse_an_existing_run()
 
     # --- setup -------------------------------------------------------------------------------------------------
     def _build_detector(self) -> TorchDetector:
@@ -413,16 +416,19 @@ class Trainer:
             self.crop_size, self.config.lr, self.config.augment, self.device,
         )  # fmt: skip
         metrics: dict[str, Any] = {}
-        while self.step < self.total_steps:
+        while True:
+            trained = self.step // self.steps_per_epoch
+            if self.epochs_ended < trained:  # also an epoch whose end an interruption cut short before a resume
+                metrics = self._end_epoch(trained - 1)
+                continue
+            if self.step >= self.total_steps:
+                return metrics
             if self.config.max_steps is not None and self.step >= self.config.max_steps:
                 self.save_state()
                 log.info("stopped at step %d (max_steps); resume with --resume", self.step)
                 return metrics
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             self._train_epoch(epoch, in_epoch)
-            if self.step % self.steps_per_epoch == 0:
-                metrics = self._end_epoch(epoch)
-        return metrics
 
     def _train_epoch(self, epoch: int, in_epoch: int) -> None:
         end = self.steps_per_epoch
@@ -485,8 +491,11 @@ class Trainer:
             self.save_weights(self.out / "last")
             if improved:
                 self.save_weights(self.out / "best")
-            previous = (self.out / METRICS_FILE).read_bytes() if (self.out / METRICS_FILE).is_file() else b""
-            atomic_write_bytes(self.out / METRICS_FILE, previous + (json.dumps(metrics) + "\n").encode())
+            path = self.out / METRICS_FILE
+            # An epoch end run again after an interruption replaces its line instead of adding a second one.
+            kept = [line for line in (path.read_text().splitlines() if path.is_file() else [])
+                    if line.strip() and json.loads(line).get("epoch") != epoch + 1]  # fmt: skip
+            atomic_write_bytes(path, "".join(line + "\n" for line in [*kept, json.dumps(metrics)]).encode())
         summary = " | ".join(
             f"{name}: acc {m['accuracy']:.3f} mcc {m['mcc']:.3f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
             for name, m in metrics["val"].items()
@@ -494,6 +503,7 @@ class Trainer:
         )
         log.info("epoch %d/%d step %d loss %.4f lr %.2e | %s", epoch + 1, self.config.epochs, self.step,
                  metrics["loss"] or float("nan"), metrics["lr"], summary or "no validation set")  # fmt: skip
+        self.epochs_ended = epoch + 1
         self.save_state()
         return metrics
 
@@ -555,6 +565,7 @@ class Trainer:
             "streams": streams,
             "torch_rng": torch.get_rng_state(),
             "best_score": self.best_score,
+            "epochs_ended": self.epochs_ended,
             "losses": self.losses,
             "unreadable": self.unreadable,
             "steps_per_epoch": self.steps_per_epoch,
@@ -578,13 +589,20 @@ class Trainer:
                 f"{state['total_steps']} steps, this run has {self.steps_per_epoch} and {self.total_steps}; "
                 "use the same data, batch size, samples per epoch and epochs"
             )
-        self.detector.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.detector.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot resume from {str(path)!r}: it was made with another detector or config "
+                              f"({first}); resume with the run's own --detector and --set") from exc
         if self.accelerator.scaler is not None and state["scaler"]:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.best_score = int(state["step"]), float(state["best_score"])
+        # States written before this was recorded ended every epoch they reached.
+        self.epochs_ended = int(state.get("epochs_ended", self.step // self.steps_per_epoch))
         self.losses, self.unreadable = list(state["losses"]), int(state["unreadable"])
         log.info("resumed %s at step %d of %d (saved by %s process(es), now %d)", self.out, self.step,
                  self.total_steps, state.get("world_size", 1), self.world)  # fmt: skip
@@ -594,6 +612,14 @@ class Trainer:
                 self._reader_state = positions[self.rank]
             else:
                 log.warning("the streams start over: the state holds no stream position for %d process(es)", self.world)
+
+    def _refuse_an_existing_run(self) -> None:
+        """A fresh run into a folder that holds one would mix their metrics lines and replace its checkpoints."""
+        error = None
+        if (self.out / STATE_FILE).is_file():
+            error = (f"{str(self.out)!r} holds a run ({STATE_FILE}): continue it with --resume, or train into "
+                     "another --out")  # fmt: skip
+        check_consistent(self.accelerator, error, None, "the run folder")
 
     def _resume_everywhere(self) -> None:
         """`_load_state` on every process; all stop when one cannot read the state or finds another step (its
