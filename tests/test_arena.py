@@ -187,13 +187,26 @@ def test_arena_reads_imagefolders(tmp_path, caplog):
         (["--detector", "baseline", "--dataset", "/no/such/folder"], "does not exist"),
         (["--detector", "baseline", "--dataset", "{data}?colour=red"], "must be KEY=VALUE"),
         (["--detector", "baseline", "--dataset", "{data}", "--sweeps", "sepia"], "unknown robustness sweep"),
+        (["--detector", "baseline", "--dataset", "{data}?source=no-such-source"], "has no readable row"),
+        (["--detector", "baseline", "--protocol", "{folder}"], "is --protocol the folder of the shared diverse"),
     ],
 )
 def test_arena_bad_input_exits_with_a_clear_error(args, message, tiny_parquet, tmp_path, caplog):
-    argv = [a.replace("{data}", str(tiny_parquet)) for a in args] + ["--out", str(tmp_path / "out")]
-    assert cli.main(argv) == 2
+    argv = [a.replace("{data}", str(tiny_parquet)).replace("{folder}", str(tiny_parquet.parent)) for a in args]
+    assert cli.main(argv + ["--out", str(tmp_path / "out")]) == 2
     assert message in caplog.text
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_an_unusable_out_or_thread_count_is_refused_before_any_evaluation(tiny_parquet, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(cli, "evaluate", lambda args: pytest.fail("evaluated before --out was checked"))
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main(["--detector", "baseline", "--dataset", str(tiny_parquet), "--out", str(tmp_path / "a-file" / "out")]) == 2
+    assert "--out" in caplog.text
+    for threads in ("0", "-1"):
+        with pytest.raises(SystemExit) as refused:
+            cli.main(["--detector", "baseline", "--dataset", str(tiny_parquet), "--threads", threads, "--out", str(tmp_path)])
+        assert refused.value.code == 2
 
 
 def test_arena_requires_detector_and_dataset(tmp_path, caplog):

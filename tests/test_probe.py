@@ -148,6 +148,12 @@ def test_a_dataset_without_a_readable_row_or_a_bad_batch_size_is_refused(parquet
     assert refused.value.code == 2
 
 
+def test_an_out_that_cannot_be_written_is_one_line_not_a_traceback(parquet, tmp_path, caplog):
+    (tmp_path / "a-file").write_text("x")
+    assert _fit(parquet, tmp_path / "a-file" / "probe") == 1
+    assert "NotADirectoryError" in caplog.text or "FileExistsError" in caplog.text
+
+
 def test_group_weights_balance_classes_and_sources():
     labels = np.array([0] * 6 + [0] * 2 + [1] * 4)
     groups = np.array(["a"] * 6 + ["b"] * 2 + ["g"] * 4)

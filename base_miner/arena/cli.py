@@ -46,6 +46,7 @@ from base_miner.mask_pictures import write_mask_pictures
 from base_miner.registry import ConfigError, build_detector, load_config
 from base_miner.training.data import DataError, DatasetSpec, decode_row_image, load_spec, stratified_subset
 from base_miner.training.mask_pairs import row_mask
+from bitmind.arg_types import positive
 from bitmind.atomic import atomic_write_bytes
 from bitmind.image_codec import ImageDecodeError
 
@@ -73,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rows", type=_positive_int, default=0, help="evaluate at most this many rows per dataset (stratified, seeded); 0 = all")
     parser.add_argument("--robustness-rows", type=_positive_int, default=200, help="rows per dataset for the robustness sweeps; 0 = no sweeps")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated robustness sweeps")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per predict call")
+    parser.add_argument("--batch-size", type=positive(int), default=32, help="images per predict call")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row subsets")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     parser.add_argument("--overlays", type=_positive_int, default=4,
                         help="map and overlay pictures written per detector and masked dataset (images with a partly generated region first)")  # fmt: skip
     return parser
@@ -190,6 +191,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         masks_of[spec.name] = masks
         log.info("dataset %s: %d rows, %d readable (%d real, %d fake), %d unreadable",
                  spec.name, rows, len(images), labels.count(0), labels.count(1), unreadable)  # fmt: skip
+        if not images:
+            raise DataError(f"dataset {spec.name!r} ({spec.location}) has no readable row to evaluate on"
+                            + (" (is --protocol the folder of the shared diverse parquet files?)"
+                               if spec.name == protocol_name else ""))  # fmt: skip
     results: dict[str, Any] = {
         "detectors": {},
         "datasets": {name: {"spec": str(d[0].location), "rows": d[3], "unreadable": d[4]} for name, d in datasets.items()},
@@ -240,16 +245,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        log.error("--batch-size must be >= 1, got %d", args.batch_size)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before the evaluation, which would otherwise be lost
+    except OSError as exc:
+        log.error("--out %s: %s", out, exc)
         return 2
     try:
         outcome = evaluate(args)
     except (ConfigError, DataError) as exc:
         log.error("%s", exc)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    except KeyboardInterrupt:
+        log.warning("interrupted; nothing written")
+        return 130
     written = [write_json(outcome["results"], out), write_markdown(outcome["results"], out)]
     written += write_plots(outcome["results"], outcome["roc"], out)
     for filename, image, prob_map in outcome["overlays"]:

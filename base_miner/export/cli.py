@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from base_miner.export.check import PackageError, check_package
 from base_miner.export.writer import DEFAULT_RESIZE, export_gas
 from base_miner.registry import ConfigError
+from bitmind.arg_types import positive
 from bitmind import __version__
 
 __all__ = ["build_parser", "main"]
@@ -23,13 +24,6 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("bitmind-export")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,15 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     gas.add_argument("--detector", required=True, metavar="CONFIG", help="YAML path or packaged config name (generalist, npr, probe, tiny_cnn, ucf, camo, ...)")
     gas.add_argument("--out", required=True, metavar="DIR", help="package folder to write (created if missing; the three package files are replaced)")
     gas.add_argument("--zip", action="store_true", help="also write DIR.zip with the three files at its root, ready to upload")
-    gas.add_argument("--resize", type=_positive, default=DEFAULT_RESIZE,
+    gas.add_argument("--resize", type=positive(int), default=DEFAULT_RESIZE,
                      help="side of the square the benchmark resizes every image to (preprocessing.resize); each expert then crops or resizes from it as when served")  # fmt: skip
     gas.add_argument("--name", default=None, help="package name in model_config.yaml (default bitmind-<detector name>)")
     gas.add_argument("--version", default=__version__, help="package version in model_config.yaml")
     check = commands.add_parser("check", help="check a package folder or zip the way the benchmark does",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     check.add_argument("package", metavar="PATH", help="package folder or zip")
-    check.add_argument("--batch-size", type=_positive, default=4, help="images in the uint8 test batch")
-    check.add_argument("--timeout", type=_positive, default=300, help="seconds allowed for the load and the forward passes")
+    check.add_argument("--batch-size", type=positive(int), default=4, help="images in the uint8 test batch")
+    check.add_argument("--timeout", type=positive(int), default=300, help="seconds allowed for the load and the forward passes")
     return parser
 
 

@@ -20,6 +20,7 @@ from base_miner.training.augment import DEFAULT_OPERATIONS, OPERATIONS, parse_op
 from base_miner.training.data import DataError, parse_selector
 from base_miner.training.distributed import DEFAULT_TIMEOUT_S, launched_rank
 from base_miner.training.trainer import TrainConfig, Trainer
+from bitmind.arg_types import positive
 
 __all__ = ["build_parser", "main", "parse_overrides", "run_command"]
 
@@ -42,27 +43,21 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace, logger: logging.Logger,
                 interrupted: str = "interrupted") -> int:  # fmt: skip
-    """Shared ending of the fitting commands: exit 2 with one log line on bad input, 130 on Ctrl-C, else 0."""
+    """Shared ending of the fitting commands: exit 2 with one log line on bad input, 1 with one line when a file
+    cannot be read or written (an --out under a file, a full disk), 130 on Ctrl-C, else 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(args)
     except (ConfigError, DataError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    except OSError as exc:
+        logger.error("%s: %s", type(exc).__name__, exc)
+        return 1
     except KeyboardInterrupt:
         logger.warning("%s", interrupted)
         return 130
     return 0
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def _fraction(text: str) -> float:
@@ -89,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--gate-config", default="camo", help="CAMO config whose gate makes the face crops")
     data.add_argument("--streaming", action="store_true",
                       help="read --train datasets as datasets streams (hub scale, never stored whole; each process its part); needs --samples-per-epoch, whole splits, no --holdout/--face-crops")
-    data.add_argument("--shuffle-buffer", type=_positive(int), default=1000, help="rows in each stream's shuffle buffer (--streaming)")
-    data.add_argument("--val-max", type=_positive(int), default=1000, help="cap on rows per validation set (stratified, seeded)")
+    data.add_argument("--shuffle-buffer", type=positive(int), default=1000, help="rows in each stream's shuffle buffer (--streaming)")
+    data.add_argument("--val-max", type=positive(int), default=1000, help="cap on rows per validation set (stratified, seeded)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=_positive(int), default=5, help="passes of --samples-per-epoch samples")
-    optim.add_argument("--samples-per-epoch", type=_positive(int), default=None, help="samples drawn per epoch (default: the training set size)")
-    optim.add_argument("--batch-size", type=_positive(int), default=32, help="images per optimisation step")
-    optim.add_argument("--crop-size", type=_positive(int), default=None, help="side of the random training crops (default: the config's image_size)")
-    optim.add_argument("--lr", type=_positive(float), default=1e-4, help="peak AdamW learning rate")
+    optim.add_argument("--epochs", type=positive(int), default=5, help="passes of --samples-per-epoch samples")
+    optim.add_argument("--samples-per-epoch", type=positive(int), default=None, help="samples drawn per epoch (default: the training set size)")
+    optim.add_argument("--batch-size", type=positive(int), default=32, help="images per optimisation step")
+    optim.add_argument("--crop-size", type=positive(int), default=None, help="side of the random training crops (default: the config's image_size)")
+    optim.add_argument("--lr", type=positive(float), default=1e-4, help="peak AdamW learning rate")
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
     optim.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of the steps spent warming up linearly")
     optim.add_argument("--augment", type=_fraction, default=0.5, help="augmentation strength: mean number of times each operation is applied")
@@ -105,17 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, help="run folder: best/ and last/ checkpoints, trainer state, metrics.jsonl")
     run.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
-    run.add_argument("--max-steps", type=_positive(int), default=None, help="stop (resumably) after this global step")
-    run.add_argument("--save-every", type=_positive(int), default=200, help="steps between trainer-state saves")
+    run.add_argument("--max-steps", type=positive(int), default=None, help="stop (resumably) after this global step")
+    run.add_argument("--save-every", type=positive(int), default=200, help="steps between trainer-state saves")
     run.add_argument("--save-dtype", choices=("float32", "float16"), default="float32", help="dtype of saved checkpoint weights")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     run.add_argument("--no-amp", action="store_true", help="disable fp16 mixed precision on CUDA")
-    run.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+    run.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     dist = parser.add_argument_group("several processes (accelerate launch / torchrun; see docs/TRAINING.md)")
-    dist.add_argument("--grad-accum", type=_positive(int), default=1,
+    dist.add_argument("--grad-accum", type=positive(int), default=1,
                       help="micro-batches per optimisation step; --batch-size must split into processes x this")
-    dist.add_argument("--dist-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+    dist.add_argument("--dist-timeout", type=positive(float), default=DEFAULT_TIMEOUT_S,
                       help="seconds a process waits for the others in a collective before the run fails")
     return parser
 

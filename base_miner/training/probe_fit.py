@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from base_miner.detectors.probe import ProbeDetector
 from base_miner.registry import ConfigError, build_detector, build_gate, load_config
 from base_miner.training.augment import OPERATIONS, TrainAugment, parse_operations
-from base_miner.training.cli import _positive, parse_overrides, run_command
+from base_miner.training.cli import parse_overrides, run_command
 from base_miner.training.data import (
     DataError,
     DatasetSpec,
@@ -53,6 +53,7 @@ from base_miner.training.data import (
     stratified_subset,
 )
 from base_miner.training.streaming import open_stream, select_stream
+from bitmind.arg_types import positive
 from bitmind.atomic import atomic_write_bytes, atomic_writer
 from bitmind.image_codec import ImageDecodeError, to_rgb
 from bitmind.stream_shuffle import shuffle_stream
@@ -286,20 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--content-strength", type=float, default=0.25,
                         help="how far each cluster's real and generated weights move toward equal: 0 = not at all, 1 = equal; "
                         "above 0 a cluster holding one class only drops out")
-    parser.add_argument("--max-rows", type=_positive(int), default=None,
+    parser.add_argument("--max-rows", type=positive(int), default=None,
                         help="at most this many rows of each --train dataset: a label-stratified seeded subset, or with "
                         "--streaming the first rows of the shuffled stream; default: every row (needed with --streaming)")
     parser.add_argument("--streaming", action="store_true",
                         help="read each --train dataset as a stream (hub ids, parquet) and fit on a sample of --max-rows "
                         "rows, stored once beside the feature cache: a dataset larger than the disk is never downloaded whole")
-    parser.add_argument("--shuffle-buffer", type=_positive(int), default=10000,
+    parser.add_argument("--shuffle-buffer", type=positive(int), default=10000,
                         help="rows in the stream's shuffle buffer (--streaming); its shards are shuffled too")
     parser.add_argument("--folds", type=int, default=5, help="GroupKFold folds over sources for choosing C")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the augmented copies, the content clusters, --max-rows subsets and the stream shuffle")
-    parser.add_argument("--batch-size", type=_positive(int), default=16, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive(int), default=16, help="images per forward pass")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache); reused and resumed")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
     parser.add_argument("--out", required=True, help="checkpoint folder: model.safetensors, config.yaml, fit.json")
     return parser

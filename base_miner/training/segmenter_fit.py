@@ -32,6 +32,7 @@ from base_miner.registry import ConfigError, build_detector
 from base_miner.training.cli import parse_overrides, run_command
 from base_miner.training.data import data_fingerprint, decode_row_image, load_spec
 from base_miner.training.mask_pairs import PairedAugment, align_mask_columns, row_mask
+from bitmind.arg_types import positive
 from bitmind.atomic import atomic_writer
 from bitmind.image_codec import ImageDecodeError
 
@@ -153,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, default=1, help="augmented views of every training row")
     parser.add_argument("--augment", type=float, default=0.5, help="paired augmentation strength in [0, 1]")
     parser.add_argument("--epochs", type=int, default=30, help="passes over the cached views")
-    parser.add_argument("--batch-size", type=int, default=64, help="views per optimisation step")
+    parser.add_argument("--batch-size", type=positive(int), default=64, help="views per optimisation step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, views and order")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     parser.add_argument("--cache", default=None, metavar="FILE", help="keep the cached features in FILE and reuse them when they match")
     parser.add_argument("--out", required=True, help="checkpoint folder (model.safetensors + config.yaml)")
     return parser
