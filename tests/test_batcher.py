@@ -159,7 +159,8 @@ def test_stale_requests_are_dropped_not_computed():
     assert sum(detector.batches) < 3
 
 
-def test_waiting_requests_are_served_by_priority_then_arrival():
+def _worker_held_by_the_first_request():
+    """(predict, brightness of every image it saw, set when the first request is in, set to let it go on)."""
     detector = RecordingDetector()
     seen: list[int] = []
     busy, release = threading.Event(), threading.Event()
@@ -170,6 +171,12 @@ def test_waiting_requests_are_served_by_priority_then_arrival():
             busy.set()
             assert release.wait(30)
         return detector(images)
+
+    return predict, seen, busy, release
+
+
+def test_waiting_requests_are_served_by_priority_then_arrival():
+    predict, seen, busy, release = _worker_held_by_the_first_request()
 
     async def main():
         batcher = MicroBatcher(predict, batch_size=1, max_wait_ms=0)
@@ -191,16 +198,7 @@ def test_waiting_requests_are_served_by_priority_then_arrival():
 def test_a_full_queue_sheds_its_lowest_caller_for_a_higher_one():
     """Full of low-stake requests, the queue still takes a high-stake caller (shedding its newest lowest-ranked
     request), refuses another low-stake one, and frees the places of requests that waited past max_age_s."""
-    detector = RecordingDetector()
-    seen: list[int] = []
-    busy, release = threading.Event(), threading.Event()
-
-    def predict(images):
-        seen.extend(round(np.asarray(image).mean()) for image in images)
-        if len(seen) == 1:  # the first request holds the worker until the rest are queued
-            busy.set()
-            assert release.wait(30)
-        return detector(images)
+    predict, seen, busy, release = _worker_held_by_the_first_request()
 
     async def main():
         batcher = MicroBatcher(predict, batch_size=1, max_wait_ms=0, max_queue=3, max_age_s=600.0)
