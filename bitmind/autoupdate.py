@@ -88,8 +88,10 @@ class Updater:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise UpdateError(f"git {' '.join(args)}: {exc}") from exc
         if done.returncode != 0:
-            detail = (done.stderr or done.stdout).strip().splitlines()
-            raise UpdateError(f"git {' '.join(args)} failed ({done.returncode}): {detail[-1] if detail else ''}")
+            # git's cause comes first ("fatal: 'origin' does not appear to be a git repository"), advice after it.
+            lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+            causes = [line for line in lines if line.startswith(("fatal:", "error:"))] or lines
+            raise UpdateError(f"git {' '.join(args)} failed ({done.returncode}): {' | '.join(causes[:3])}")
         return done.stdout.strip()
 
     def _run(self, cmd: Sequence[str], what: str, timeout_s: float) -> bool:

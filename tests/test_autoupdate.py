@@ -1,6 +1,7 @@
 """Auto-updater against a local bare git repository: update only on a version bump, roll back a failed install,
 never touch local changes."""
 
+import logging
 import signal
 import subprocess
 import sys
@@ -185,11 +186,13 @@ def test_no_downgrade_and_wrong_branch(sandbox: Sandbox) -> None:
     assert sandbox.updater().check_once() is Outcome.ERROR
 
 
-def test_git_and_version_problems_are_errors_not_crashes(sandbox: Sandbox) -> None:
+def test_git_and_version_problems_are_errors_not_crashes(sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
     sandbox.publish("no version", files={"bitmind/__init__.py": "VERSION = 'oops'\n"})
     assert sandbox.updater().check_once() is Outcome.ERROR
     git(sandbox.node, "remote", "set-url", "origin", str(sandbox.root / "gone.git"))
-    assert sandbox.updater().check_once() is Outcome.ERROR
+    with caplog.at_level(logging.ERROR):
+        assert sandbox.updater().check_once() is Outcome.ERROR
+    assert "fatal: '" in caplog.text and "does not appear to be a git repository" in caplog.text  # git's cause
     assert sandbox.updater(repo=sandbox.root / "not-a-repo").check_once() is Outcome.ERROR
     assert sandbox.installs() == []
 
