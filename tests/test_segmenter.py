@@ -170,6 +170,12 @@ def test_builder_refuses_bad_input(diverse, tmp_path, caplog):
     assert "no generated image" in caplog.text and not out.exists()
     with pytest.raises(SystemExit):
         semi_synthetic.main(["--data", "x", "--kinds", "inpaint=1", "--out", str(out)])
+    from tests.test_training import write_parquet
+
+    unreadable = write_parquet(tmp_path / "bad.parquet", [(b"not an image", label, "s", "g" * label) for label in (0, 1)])
+    assert semi_synthetic.main(["--data", str(unreadable), "--split", "all", "--rows", "4", "--kinds",
+                                "real=1,generated=1", "--out", str(out)]) == 2  # fmt: skip
+    assert "no row could be made: all 4 were given up" in caplog.text and not out.exists()
 
 
 # --- training --------------------------------------------------------------------------------------------------

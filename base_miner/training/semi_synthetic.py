@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds = concatenate_datasets([load_spec(text).select_columns(["image", "label", "source", "generator"])
                                    for text in args.data])  # fmt: skip
         columns, skipped = build_rows(ds, args.split, args.rows, args.kinds, args.seed)
+        if not columns["kind"]:
+            raise DataError(f"no row could be made: all {skipped} were given up (no readable image in the "
+                            f"{args.split!r} split of {', '.join(args.data)})")
     except DataError as exc:
         log.error("%s", exc)
         return 2
