@@ -125,6 +125,19 @@ def test_splice_joins_two_videos_at_one_size_and_rate():
         assert np.all(clip.frames[cut:] == 200) and not np.all(clip.frames[:cut] == 200)
 
 
+def test_a_splice_never_repeats_a_frame_of_its_faster_shorter_video():
+    """The faster video has fewer frames: each part must fit in its own video at the common rate (the plan once
+    took the slower rate with the smaller frame count, and the faster video's last frame froze)."""
+    sampler = ClipSampler(ClipParams(splice_prob=1.0))
+    numbered = lambda count: np.arange(count, dtype=np.uint8).reshape(count, 1, 1, 1).repeat(3, -1).repeat(2, 1).repeat(2, 2)  # noqa: E731
+    for seed in range(40):
+        clip = sampler.splice(np.random.default_rng(seed), (numbered(30), 30.0), (numbered(90), 10.0))
+        if clip is None:
+            continue
+        for part in clip.info["parts"]:
+            assert np.all(np.diff(part["indices"]) >= 1), (seed, part)  # time order, no frame shown twice
+
+
 @pytest.mark.parametrize("bad", [dict(min_frames=2), dict(min_frames=30), dict(min_fps=0), dict(splice_prob=1.5),
                                  dict(max_window_s=0)])
 def test_clip_params_are_checked(bad):

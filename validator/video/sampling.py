@@ -63,13 +63,14 @@ class ClipSampler:
     def wants_splice(self, rng: np.random.Generator) -> bool:
         return bool(rng.random() < self.params.splice_prob)
 
-    def plan(self, rng: np.random.Generator, source_fps: float, source_frames: int) -> tuple[float, int] | None:
-        """(rate, frame count) for a source of `source_frames` frames at `source_fps`; None when it is too short."""
+    def plan(self, rng: np.random.Generator, *sources: tuple[float, int]) -> tuple[float, int] | None:
+        """(rate, frame count) that every source, given as (fps, frames), can show at that rate: the rate is never
+        above a source's own and the frames fit in each; None when a source is too short."""
         p = self.params
-        fps = min(float(rng.uniform(p.min_fps, p.max_fps)), source_fps)
+        fps = min(float(rng.uniform(p.min_fps, p.max_fps)), *(source_fps for source_fps, _ in sources))
         count = int(rng.integers(p.min_frames, p.max_frames + 1))
         window_frames = int(math.floor(p.max_window_s * fps + 1e-9))  # frames i/fps, i < count, inside the window
-        available = int(math.floor((source_frames - 1) * fps / source_fps + 1e-9)) + 1
+        available = min(int(math.floor((frames - 1) * fps / source_fps + 1e-9)) + 1 for source_fps, frames in sources)
         count = min(count, window_frames, available)
         return (fps, count) if count >= MIN_FRAMES else None
 
@@ -85,7 +86,7 @@ class ClipSampler:
 
     def sample(self, rng: np.random.Generator, frames: np.ndarray, source_fps: float) -> SampledClip | None:
         """One clip from one video; None when the video is too short for `MIN_FRAMES` frames."""
-        planned = self.plan(rng, source_fps, len(frames))
+        planned = self.plan(rng, (source_fps, len(frames)))
         if planned is None:
             return None
         fps, count = planned
@@ -97,7 +98,7 @@ class ClipSampler:
         """A clip whose first part comes from `first` and the rest from `second` ((frames, fps) each), at one rate
         and the first's frame size; None when either video is too short."""
         (frames_a, fps_a), (frames_b, fps_b) = first, second
-        planned = self.plan(rng, min(fps_a, fps_b), min(len(frames_a), len(frames_b)))
+        planned = self.plan(rng, (fps_a, len(frames_a)), (fps_b, len(frames_b)))
         if planned is None:
             return None
         fps, count = planned
