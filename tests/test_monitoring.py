@@ -110,6 +110,27 @@ def test_check_heartbeat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     capsys.readouterr()
 
 
+def test_a_beat_from_the_future_or_a_limit_that_is_no_number_is_not_ok(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "hb.json"
+    Heartbeat(path, role="miner").beat()
+    status = json.loads(path.read_text())
+    status["timestamp"] += 3600  # the clock stepped back an hour after this beat
+    path.write_text(json.dumps(status))
+    ok, message = check_heartbeat(path, 60)
+    assert not ok and "in the future" in message
+    status["timestamp"] -= 3600 - 30  # 30 s ahead: within the tolerance of two clocks
+    path.write_text(json.dumps(status))
+    assert check_heartbeat(path, 60)[0] is True
+    for bad in (float("nan"), 0.0, -5.0):
+        with pytest.raises(ValueError):
+            check_heartbeat(path, bad)
+    for bad in ("nan", "0", "-1"):
+        with pytest.raises(SystemExit) as refused:
+            main(["check", str(path), "--max-age", bad])
+        assert refused.value.code == 2
+    capsys.readouterr()
+
+
 # -------------------------------------------------------------------------------------------------------- metrics
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:

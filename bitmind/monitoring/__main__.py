@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from bitmind.arg_types import positive
 from bitmind.monitoring.heartbeat import check_heartbeat
 from bitmind.monitoring.watchdog import DEFAULT_WATCHDOG_TIMEOUT_S
 
@@ -13,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="Exit 1 when the heartbeat file is missing, invalid or stale.")
     check.add_argument("path", help="Heartbeat file, e.g. ~/.bitmind/validator/heartbeat.json")
-    check.add_argument("--max-age", type=float, default=DEFAULT_WATCHDOG_TIMEOUT_S, help="Seconds.")
+    check.add_argument("--max-age", type=positive(float), default=DEFAULT_WATCHDOG_TIMEOUT_S, help="Seconds.")
     args = parser.parse_args(argv)
     ok, message = check_heartbeat(args.path, args.max_age)
     print(message)

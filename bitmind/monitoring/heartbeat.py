@@ -59,8 +59,16 @@ class Heartbeat:
         return True
 
 
+FUTURE_TOLERANCE_S = 60.0  # clocks of a writer and a reader on one host, or NTP-synced hosts, agree far closer
+
+
 def check_heartbeat(path: str | os.PathLike[str], max_age_s: float) -> tuple[bool, str]:
-    """Is the heartbeat file present, valid and younger than `max_age_s`? Returns (ok, one-line reason)."""
+    """Is the heartbeat file present, valid and younger than `max_age_s`? Returns (ok, one-line reason).
+
+    A beat from more than FUTURE_TOLERANCE_S ahead of this clock is not ok either: after the clock steps back, a
+    process that died just after its last beat would otherwise read "ok" for as long as the step."""
+    if not (math.isfinite(max_age_s) and max_age_s > 0):
+        raise ValueError(f"max_age_s must be a positive number of seconds, got {max_age_s}")
     path = Path(path).expanduser()
     try:
         status = json.loads(path.read_text(encoding="utf-8"))
@@ -75,4 +83,6 @@ def check_heartbeat(path: str | os.PathLike[str], max_age_s: float) -> tuple[boo
     summary = f"{status.get('role') or 'process'} pid {status.get('pid')} v{status.get('version')}"
     if age > max_age_s:
         return False, f"{path}: STALE, {summary} last beat {age:.0f} s ago (limit {max_age_s:.0f} s)"
+    if age < -FUTURE_TOLERANCE_S:
+        return False, f"{path}: {summary} last beat is {-age:.0f} s in the future (a clock step, or a forged file)"
     return True, f"{path}: ok, {summary} last beat {age:.0f} s ago"
