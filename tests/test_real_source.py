@@ -3,6 +3,7 @@ uniform sampling over sources, provenance metadata, and failing sources that do 
 
 import io
 import json
+import shutil
 import logging
 import time
 from pathlib import Path
@@ -180,6 +181,19 @@ def test_background_fill_reaches_its_cap_and_stops_cleanly(tmp_path):
     settled = len(source)
     time.sleep(0.2)
     assert len(source) == settled
+
+
+def test_a_removed_cache_folder_is_filled_again_and_never_stops_the_other_sources(tmp_path):
+    """An operator deletes one source's cache folder to reclaim disk: that source fills it again, the others go on."""
+    folders = [str(image_folder(tmp_path / name, 8)) + "?shuffle_buffer=0" for name in ("a", "b")]
+    source = RealImageSource(folders, tmp_path / "cache", items_per_source=100, fill_batch=2, seed=0)
+    source.fill_round()
+    first, second = source.counts()
+    assert source.counts() == {first: 2, second: 2}
+    shutil.rmtree(source.caches[first].root)
+    for _ in range(2):
+        source.fill_round()
+    assert source.counts() == {first: 4, second: 6}
 
 
 # ---------------------------------------------------------------- sampling over sources

@@ -107,14 +107,17 @@ class ImageCache:
     def items(self) -> list[CacheItem]:
         """Complete items, oldest first, with their size on disk (image + sidecar)."""
         sizes: dict[str, int] = {}
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    sizes[entry.name] = entry.stat().st_size
-                except FileNotFoundError:  # removed by another process while listing
-                    continue
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        sizes[entry.name] = entry.stat().st_size
+                    except FileNotFoundError:  # removed by another process while listing
+                        continue
+        except FileNotFoundError:  # the folder was removed (an operator reclaiming disk): empty, `put` makes it again
+            return []
         items = []
         for name in sorted(sizes):
             if not name.endswith(SIDECAR_SUFFIX):

@@ -189,10 +189,10 @@ class RealImageSource:
         if not state.backoff.ready():
             return 0
         now = time.monotonic()
-        saturated = state.pass_complete or state.cache.is_full()
-        if saturated and (self.refresh_interval_s is None or now - state.last_refresh < self.refresh_interval_s):
-            return 0
         try:
+            saturated = state.pass_complete or state.cache.is_full()
+            if saturated and (self.refresh_interval_s is None or now - state.last_refresh < self.refresh_interval_s):
+                return 0
             added = self._pull(state, self.fill_batch)
         except Exception as exc:  # a source must never take the filler down; it is retried with backoff
             state.stream = None
