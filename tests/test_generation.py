@@ -237,6 +237,8 @@ def test_bad_model_lists_are_clear_errors(value, message):
         "{name: x, path: a/b, resolution: 100}",
         "{name: 'bad name', path: a/b}",
         "42",
+        "{1: 2}",
+        "{name: x, path: a/b, 3: 4}",
     ],
 )
 def test_bad_yaml_entries_are_clear_errors(tmp_path, entry):
@@ -249,6 +251,10 @@ def test_yaml_must_hold_a_list(tmp_path):
         parse_model_list(str(_yaml(tmp_path, "models: 3\n")))
     with pytest.raises(ModelConfigError, match="cannot read"):
         parse_model_list(str(_yaml(tmp_path, "- [unclosed\n")))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("- {name: caf\u00e9, path: a/b}\n".encode("latin-1"))
+    with pytest.raises(ModelConfigError, match="cannot read"):
+        parse_model_list(str(latin1))
 
 
 def test_folder_without_model_index_is_rejected(tmp_path):

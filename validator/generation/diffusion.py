@@ -365,6 +365,8 @@ def _spec_for_entry(entry: Any, where: str, task: str = TEXT_TO_IMAGE) -> ModelS
         return _spec_for_token(entry.strip(), task)
     if not isinstance(entry, dict):
         raise ModelConfigError(f"{where}: expected a string or a mapping, got {type(entry).__name__}")
+    if not all(isinstance(key, str) for key in entry):
+        raise ModelConfigError(f"{where}: every key of a model entry is a setting name, got {sorted(map(repr, entry))}")
     name = entry.get("name")
     base = _DEFAULT_BY_NAME.get(name) if isinstance(name, str) and "path" not in entry else None
     fields = {**base.model_dump(exclude_none=True), **entry} if base else {"task": task, **entry}
@@ -387,8 +389,8 @@ def parse_model_list(value: str | Path, task: str = TEXT_TO_IMAGE) -> list[Model
     if text.endswith((".yaml", ".yml")):
         path = Path(text).expanduser()
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ModelConfigError(f"cannot read model list {path}: {err}") from err
         entries = data.get("models") if isinstance(data, dict) else data
         if not isinstance(entries, list):
