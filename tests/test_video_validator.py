@@ -165,6 +165,24 @@ def test_clip_augmenter_refuses_non_clips():
 
 
 # --- clip cache ---------------------------------------------------------------------------------------------------
+def test_a_clip_too_large_for_a_readable_sheet_is_stored_smaller_not_lost(tmp_path, monkeypatch):
+    """The cache's readers refuse (and delete) images over ITEM_MAX_PIXELS: a clip whose sheet would be larger is
+    stored at a scale that fits, and the image cache refuses to store what its readers would delete."""
+    from validator.challenges import cache as image_cache
+    from validator.video import cache as clip_cache
+
+    limit = 128 * 128
+    monkeypatch.setattr(image_cache, "ITEM_MAX_PIXELS", limit)
+    monkeypatch.setattr(clip_cache, "ITEM_MAX_PIXELS", limit)
+    cache = ClipCache(tmp_path / "clips")
+    cache.put(_clip(20, 48, 64), 8.0, {"source": "big"})  # 8 x 3 frames of 64x48: 73,728 pixels
+    (frames, fps), metadata = cache.sample(np.random.default_rng(0))
+    assert len(frames) == 20 and fps == 8.0 and metadata["clip"]["scaled_from"] == [64, 48]
+    assert 8 * 3 * frames.shape[1] * frames.shape[2] <= limit and len(cache) == 1
+    with pytest.raises(ValueError, match="limit a reader of the cache applies"):
+        cache.images.put(Image.new("RGB", (200, 100)), {})
+
+
 def test_clip_cache_round_trip_and_broken_items(tmp_path, caplog):
     cache = ClipCache(tmp_path / "clips")
     ramp = np.linspace(0, 255, 64, dtype=np.uint8)[None, None, :, None]  # smooth like video frames, not noise

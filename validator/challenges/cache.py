@@ -157,10 +157,14 @@ class ImageCache:
 
         `mask`: for a partly generated image, its [H, W] map in [0, 1] of generated pixels (stored as a PNG beside
         the image). Raises ValueError for an unknown format, non-JSON-serialisable metadata, a mask that is not
-        the image's size or not in [0, 1], or an item larger than the cap.
+        the image's size or not in [0, 1], an image of more than ITEM_MAX_PIXELS pixels (a reader would refuse it
+        and delete the item), or an item larger than the cap.
         """
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+        if image.width * image.height > ITEM_MAX_PIXELS:
+            raise ValueError(f"an image of {image.width}x{image.height} pixels is over the {ITEM_MAX_PIXELS}-pixel "
+                             "limit a reader of the cache applies")
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
         try:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from bitmind.json_safe import json_safe
-from validator.challenges.cache import ITEM_KEY, ImageCache
+from validator.challenges.cache import ITEM_KEY, ITEM_MAX_PIXELS, ImageCache
 
 __all__ = ["CLIP_KEY", "ClipCache", "tile_frames", "untile_frames"]
 
@@ -35,6 +35,20 @@ def tile_frames(frames: np.ndarray, columns: int = COLUMNS) -> Image.Image:
         row, column = divmod(index, columns)
         sheet[row * height:(row + 1) * height, column * width:(column + 1) * width] = frame
     return Image.fromarray(sheet)
+
+
+def _fit_sheet(frames: np.ndarray, columns: int) -> tuple[np.ndarray, list[int] | None]:
+    """Frames shrunk (aspect kept) so their sheet stays within ITEM_MAX_PIXELS, the limit a cache reader applies,
+    and ([width, height] before) when they had to be: long clips at high resolution (e.g. 61 frames at 1280²)
+    would otherwise be stored and then deleted by the first reader. Challenges are far smaller than either."""
+    count, height, width = frames.shape[:3]
+    rows = math.ceil(count / columns)
+    if rows * height * columns * width <= ITEM_MAX_PIXELS:
+        return frames, None
+    scale = math.sqrt(ITEM_MAX_PIXELS / (rows * height * columns * width))
+    size = (max(2, math.floor(width * scale)), max(2, math.floor(height * scale)))
+    shrunk = np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BOX)) for frame in frames])
+    return shrunk, [width, height]
 
 
 def untile_frames(sheet: Image.Image, grid: Any) -> np.ndarray:
@@ -89,10 +103,13 @@ class ClipCache:
             raise ValueError(f"a clip holds 1..{MAX_CLIP_FRAMES} frames, got {len(frames)}")
         if not (math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be positive, got {fps}")
+        columns = min(COLUMNS, len(frames))
+        frames, scaled_from = _fit_sheet(frames, columns)
         height, width = frames.shape[1:3]
-        grid = {"frames": len(frames), "fps": float(fps), "width": width, "height": height,
-                "columns": min(COLUMNS, len(frames))}
-        sheet = tile_frames(frames, grid["columns"])
+        grid = {"frames": len(frames), "fps": float(fps), "width": width, "height": height, "columns": columns}
+        if scaled_from:
+            grid["scaled_from"] = scaled_from
+        sheet = tile_frames(frames, columns)
         return self.images.put(sheet, {**json_safe(metadata), CLIP_KEY: grid}, fmt="jpeg", quality=self.quality)
 
     def sample(self, rng: np.random.Generator) -> tuple[tuple[np.ndarray, float], dict[str, Any]] | None:
