@@ -28,6 +28,7 @@ from validator.challenges.cache import ImageCache
 from validator.generation.captioner import CAPTION_PREFIXES, Captioner, clean_answer
 from validator.generation.diffusion import (
     DEFAULT_MODELS,
+    MAX_CALL_FAILURES,
     DiffusionModelPool,
     ModelConfigError,
     NoModelAvailable,
@@ -338,6 +339,25 @@ def test_model_that_fails_to_load_is_skipped_and_others_generate(tiny_models, tm
     lonely = SyntheticImagePipeline(only_broken, cache, prompt_mode="static", steps=1)
     with pytest.raises(NoModelAvailable):
         lonely.run_once()
+
+
+def test_model_that_fails_every_run_is_set_aside_and_others_generate(tiny_models, tmp_path, caplog):
+    """It loads, but every run fails (here a clip_skip past its text encoder's depth): after MAX_CALL_FAILURES runs in
+    a row it is set aside like a model that fails to load, instead of taking its share of every round."""
+    models = _yaml(tmp_path, f"- {{name: good, path: {tiny_models.sd}}}\n"
+                             f"- {{name: typo, path: {tiny_models.sd}, call_kwargs: {{clip_skip: 99}}}}\n")
+    pool = DiffusionModelPool(parse_model_list(str(models)), device="cpu", budget_gb=10)
+    pipeline = SyntheticImagePipeline(pool, ImageCache(tmp_path / "cache", max_bytes=10**7), prompt_mode="static",
+                                      resolution=32, steps=1, seed=5)  # fmt: skip
+    assert pipeline.run_once(model="good").metadata["model"] == "good"
+    with caplog.at_level(logging.ERROR, logger="validator.generation.diffusion"):
+        for _ in range(MAX_CALL_FAILURES):
+            assert pool.available() == ["good", "typo"]
+            with pytest.raises(IndexError):
+                pipeline.run_once(model="typo")
+    assert list(pool.failed) == ["typo"] and pool.available() == ["good"] and "typo" not in pool.loaded()
+    assert "model typo set aside: 3 runs failed in a row" in caplog.text
+    assert pipeline.run_once(model="typo").metadata["model"] == "good"
 
 
 def test_pool_rejects_unknown_pipeline_class(tmp_path):

@@ -85,6 +85,9 @@ class ModelConfigError(ValueError):
     """A model list or model entry that cannot be used (unknown name, missing folder, bad field)."""
 
 
+MAX_CALL_FAILURES = 3  # failed runs in a row after which a model is set aside
+
+
 class ModelLoadError(RuntimeError):
     """`from_pretrained` failed; the pool skips this model from now on."""
 
@@ -482,6 +485,7 @@ class DiffusionModelPool:
             log.info("cpu offload only applies to CUDA devices; ignored on %s", self.device)
         self.budget_gb = float(budget_gb)
         self.failed: dict[str, str] = {}
+        self._call_failures: dict[str, int] = {}  # failed runs in a row, per model
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         log.info(
             "diffusion pool: %d models (%s) on %s, budget %.1f GB%s",
@@ -489,7 +493,8 @@ class DiffusionModelPool:
         )
 
     def available(self, task: str | None = None) -> list[str]:
-        """Models (of `task`, or of any task) that have not failed to load."""
+        """Models (of `task`, or of any task) that have not failed to load, nor to run MAX_CALL_FAILURES times in a
+        row."""
         return [
             name for name, spec in self.specs.items()
             if name not in self.failed and (task is None or spec.task == task)
@@ -540,7 +545,7 @@ class DiffusionModelPool:
         if name not in self.specs:
             raise ModelConfigError(f"unknown model {name!r}; configured: {', '.join(self.specs)}")
         if name in self.failed:
-            raise ModelLoadError(f"model {name} failed to load earlier: {self.failed[name]}")
+            raise ModelLoadError(f"model {name} is set aside: {self.failed[name]}")
         spec = self.specs[name]
         self._evict_for(spec.vram_gb or 0.0)
         start = time.perf_counter()
@@ -637,6 +642,10 @@ class DiffusionModelPool:
         except torch.cuda.OutOfMemoryError:
             self._evict_all(keep=spec.name, why="after running out of memory")
             raise
+        except Exception as err:
+            self._count_call_failure(spec.name, err)
+            raise
+        self._call_failures.pop(spec.name, None)
         flagged = getattr(output, "nsfw_content_detected", None)
         if flagged and any(flagged):
             raise UnsafeImageError(f"model {spec.name}: the safety checker flagged the image")
@@ -647,6 +656,17 @@ class DiffusionModelPool:
             return GeneratedClip(frames, spec.fps or DEFAULT_CLIP_FPS, spec, call_args, seed, load_s,
                                  time.perf_counter() - start)
         return GeneratedImage(output.images[0], spec, call_args, seed, load_s, time.perf_counter() - start)
+
+    def _count_call_failure(self, name: str, err: Exception) -> None:
+        """A model that loads but fails every run (a call argument it does not take, a broken pipeline) is set
+        aside like one that fails to load, instead of taking its share of every round until the generator exits."""
+        failures = self._call_failures.get(name, 0) + 1
+        self._call_failures[name] = failures
+        if failures >= MAX_CALL_FAILURES:
+            self.failed[name] = f"{failures} runs failed in a row, the last with {type(err).__name__}: {err}"
+            log.error("model %s set aside: %s", name, self.failed[name])
+            if name in self._loaded:
+                self._drop(name, "after failing every run")
 
     def close(self) -> None:
         """Drop every loaded model."""
