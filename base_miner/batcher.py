@@ -109,9 +109,9 @@ class MicroBatcher:
         (QueueFull). So a flood of low-priority callers can never shut out a higher one."""
         now = time.perf_counter()
         for arrival, item in list(self._waiting.items()):
-            waited = now - item.enqueued
-            if not item.future.done() and waited > self.max_age_s:
-                item.future.set_result(BatchResult(None, f"dropped after waiting {waited:.1f}s"))
+            stale = self._stale(item, now)
+            if stale and not item.future.done():
+                item.future.set_result(BatchResult(None, stale))
             if item.future.done():
                 del self._waiting[arrival]
         if len(self._waiting) < self.max_queue:
@@ -121,6 +121,12 @@ class MicroBatcher:
             raise QueueFull(f"{len(self._waiting)} requests already waiting")
         del self._waiting[lowest.rank[1]]
         lowest.future.set_exception(QueueFull(f"shed for a caller of higher priority ({self.max_queue} waiting)"))
+
+    def _stale(self, item: _Pending, now: float) -> str | None:
+        """Why a request that waited past `max_age_s` gets no answer (None while it is fresh): its caller has given
+        up, or soon will."""
+        waited = now - item.enqueued
+        return f"dropped after waiting {waited:.1f}s" if waited > self.max_age_s else None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,8 +161,9 @@ class MicroBatcher:
         slots: list[int] = []
         for index, item in enumerate(batch):
             results[index].queue_ms = (started - item.enqueued) * 1000.0
-            if started - item.enqueued > self.max_age_s:
-                results[index].error = f"dropped after waiting {started - item.enqueued:.1f}s"
+            stale = self._stale(item, started)
+            if stale:
+                results[index].error = stale
                 continue
             try:
                 images.append(self.decode(item.payload))
