@@ -23,7 +23,7 @@ from PIL import Image
 from base_miner.retrieval.builder import BuildOptions, Challenge, build_index
 from base_miner.training.cli import run_command
 from bitmind.atomic import atomic_write_bytes
-from bitmind.image_codec import decode_image, encode_image
+from bitmind.image_codec import ImageDecodeError, decode_image, encode_image
 
 __all__ = ["build_parser", "main", "validator_challenge"]
 
@@ -147,7 +147,7 @@ def _real_images(streams: list[tuple[Any, Any]], rows: int, skipped: dict[str, i
                 continue
             try:
                 image = decode_row_image(row.get(spec.image_column), max_side=max_side)
-            except (ValueError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            except ImageDecodeError as exc:  # the codec maps every unreadable cell to it
                 skipped["unreadable"] += 1
                 log.warning("%s row %d is unreadable (%s); skipped", spec.id, position, exc)
                 continue
